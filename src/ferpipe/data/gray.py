@@ -1,0 +1,32 @@
+"""The 48x48 grayscale stage: resize the normalized images to the classifier's input size."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ferpipe.plots import grid, sample_indices, write_png
+from ferpipe.store import read_attrs, read_h5, write_h5
+
+
+def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 [N, H, W] to [N, size, size]; area interpolation down, cubic up, copy if equal."""
+    n, h, w = images.shape
+    if (h, w) == (size, size):
+        return images.copy()
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
+    out = np.empty((n, size, size), np.uint8)
+    for i in range(n):
+        out[i] = cv2.resize(images[i], (size, size), interpolation=interp)
+    return out
+
+
+def run_gray(images_path: str, out_path: str, sheet_path: str | None, size: int = 48) -> dict:
+    data = read_h5(images_path, ["images", "ids"])
+    out = resize_batch(data["images"], size)
+    attrs = read_attrs(images_path)
+    attrs.update(stage="gray48", size=size)
+    write_h5(out_path, {"images": out, "ids": data["ids"]}, attrs)
+    if sheet_path:
+        idx = sample_indices(len(out), 32)
+        write_png(sheet_path, grid([out[idx[:16]], out[idx[16:]]], cell=64))
+    return {"images": int(len(out)), "size": size}
