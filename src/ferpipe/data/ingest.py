@@ -1,0 +1,153 @@
+"""The ingest stage: any supported dataset -> one packed HDF5 of size x size grayscale images.
+
+read_dataset gives the manifest; a process pool decodes it in chunks (workers get paths or pixel
+strings and send back one uint8 block per chunk, so per-image overhead stays at the decode itself);
+rows that do not decode join the reader's rejects with the reason. Everything is computed before
+anything is written, so a failing ingest leaves no artifact behind (and the writes are atomic).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from multiprocessing import get_context
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from ferpipe.data.decode import decode_image, decode_pixels
+from ferpipe.data.labels import class_list
+from ferpipe.data.readers import REJECT_COLUMNS, DatasetError, read_dataset
+from ferpipe.params import workers as worker_count
+from ferpipe.plots import grid, sample_indices, write_png
+from ferpipe.store import write_csv, write_h5, write_json
+
+CHUNK = 512
+SHEET_PER_CLASS = 12
+
+
+def _init_worker():
+    cv2.setNumThreads(1)  # one process per core already; cv2's own threads would only contend
+
+
+def _decode_chunk(task):
+    """(size, [(pixels | None, source, box | None), ...]) -> (uint8 [k, size, size], [(i, reason)])."""
+    size, items = task
+    out = np.zeros((len(items), size, size), np.uint8)
+    errors = []
+    for i, (pixels, source, box) in enumerate(items):
+        try:
+            out[i] = decode_pixels(pixels, size) if pixels is not None else decode_image(source, size, box)
+        except ValueError as e:  # ImageError, and anything else a decoder raises as bad data
+            errors.append((i, str(e)))
+        except Exception as e:  # a decoder bug on one odd file must not stop a 300k-image ingest
+            errors.append((i, f"decode failed: {type(e).__name__}: {e}"))
+    return out, errors
+
+
+def _items(manifest: pd.DataFrame) -> list[tuple]:
+    n = len(manifest)
+    pixels = manifest["pixels"].tolist() if "pixels" in manifest else [None] * n
+    if "box_x" in manifest:
+        boxes = list(zip(*(manifest[c].tolist() for c in ("box_x", "box_y", "box_w", "box_h"))))
+    else:
+        boxes = [None] * n
+    return list(zip(pixels, manifest["source"].tolist(), boxes))
+
+
+def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bool = True):
+    """Decode every manifest row -> (images uint8 [N, size, size], ok bool [N], reasons {row: str})."""
+    items = _items(manifest)
+    n = len(items)
+    nproc = worker_count(workers)
+    # small datasets: smaller chunks so every worker gets some
+    chunk = max(1, min(CHUNK, math.ceil(n / (4 * nproc)))) if n else 1
+    tasks = [(size, items[i:i + chunk]) for i in range(0, n, chunk)]
+    nproc = min(nproc, len(tasks)) or 1
+    images = np.zeros((n, size, size), np.uint8)
+    ok = np.ones(n, bool)
+    reasons = {}
+    bar = tqdm(total=n, unit="img", desc="ingest", disable=None if progress else True)
+    pool = get_context().Pool(nproc, initializer=_init_worker) if nproc > 1 else None
+    try:
+        results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
+        start = 0
+        for out, errors in results:
+            images[start:start + len(out)] = out
+            for i, reason in errors:
+                ok[start + i] = False
+                reasons[start + i] = reason
+            start += len(out)
+            bar.update(len(out))
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+            pool.join()
+    return images, ok, reasons
+
+
+def _summary(reasons) -> str:
+    common = Counter(str(r).split(" (")[0] for r in reasons).most_common(3)
+    return "; ".join(f"{r} x{n}" for r, n in common)
+
+
+def contact_sheet(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
+    """One row of samples per class, labelled "<class> <count>"; one unlabelled row if no classes."""
+    rows, names = [], []
+    groups = [(c, np.flatnonzero(labels == c)) for c in classes] or [("all", np.arange(len(images)))]
+    for name, idx in groups:
+        rows.append(images[idx[sample_indices(len(idx), SHEET_PER_CLASS)]])
+        names.append(f"{name} {len(idx)}")
+    return grid(rows, cell=64, labels=names)
+
+
+def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metrics_path, sheet_path,
+               size: int = 48, workers: int = 0, options: dict | None = None, progress: bool = True) -> dict:
+    """Read a dataset, decode it to size x size uint8 gray, write the packed images and tables.
+
+    Writes out_images (HDF5: images [N,size,size], ids [N]; attrs stage, size, format, path, root,
+    classes), out_manifest (kept rows in image order, no pixels column), out_rejects (always, header
+    even when empty), metrics_path (JSON counts) and sheet_path (contact sheet PNG; None/"" skips).
+    `options` are the reader's extra keywords (split, sort, ignore_missing). Returns the metrics
+    plus the wall time. Raises DatasetError (and writes nothing) when no row can be used.
+    """
+    t0 = time.perf_counter()
+    manifest, rejects = read_dataset(fmt, path, root=root or "", **(options or {}))
+    if manifest.empty:
+        raise DatasetError(f"{path}: no usable rows ({len(rejects)} rejected: {_summary(rejects['reason'])})")
+    images, ok, reasons = decode_all(manifest, size, workers, progress)
+    if not ok.any():
+        raise DatasetError(f"{path}: no image could be decoded ({len(reasons)} failed: "
+                           f"{_summary(reasons.values())})")
+    bad = np.flatnonzero(~ok)
+    decode_rejects = pd.DataFrame({"source": manifest["source"].to_numpy()[bad].astype(str),
+                                   "line": np.full(len(bad), -1, np.int64),
+                                   "reason": [reasons[i] for i in bad]}, columns=REJECT_COLUMNS)
+    rejects = pd.concat([rejects, decode_rejects], ignore_index=True) if len(bad) else rejects
+    kept = manifest[ok].reset_index(drop=True)
+    images = images[ok] if len(bad) else images
+    labels = kept["label_name"].to_numpy().astype(str)
+    classes = class_list(labels)
+
+    metrics = {
+        "images": int(len(kept)),
+        "rejected": int(len(rejects)),
+        "splits": {str(k): int(v) for k, v in kept["split"].value_counts().sort_index().items()},
+        "classes": {c: int((labels == c).sum()) for c in classes},
+    }
+    # compute everything first: a failure above leaves no partial set of outputs
+    sheet = contact_sheet(images, labels, classes) if sheet_path else None
+    attrs = {"stage": "ingest", "size": int(size), "format": fmt, "path": str(path), "root": str(root or ""),
+             "classes": classes}
+    write_h5(out_images, {"images": images, "ids": kept["id"].to_numpy().astype(str)}, attrs)
+    write_csv(out_manifest, kept.drop(columns=["pixels"], errors="ignore"))
+    write_csv(out_rejects, rejects)
+    if metrics_path:
+        write_json(metrics_path, metrics)
+    if sheet is not None:
+        write_png(sheet_path, sheet)
+    seconds = time.perf_counter() - t0
+    return {**metrics, "seconds": round(seconds, 2), "images_per_s": round(len(manifest) / seconds, 1)}

@@ -1,0 +1,56 @@
+"""Stage guide@<kind>: one Guided-ST guide map per image from gray48 + landmarks (params: guides.<kind>).
+
+Reads the gray48 images and the 68-point landmarks (same ids, same order), writes one packed HDF5
+(images uint8 [N,S,S] = the guide map or collage, ids, found) and a contact sheet (faces with their
+landmarks, red where found=False, above their guide maps). dvc.yaml runs it as a foreach stage:
+`python stages/guide.py <kind>`.
+"""
+import argparse
+import textwrap
+
+import yaml
+
+from ferpipe.guides.maps import DEFAULT_PARAMS, GUIDE_KINDS, KIND_HELP, run_guide
+from ferpipe.params import load_params
+
+
+def _epilog() -> str:
+    lines = ["kinds (params in params.yaml guides.<kind>, defaults shown):"]
+    for kind in GUIDE_KINDS:
+        prm = ", ".join(f"{k}={v}" for k, v in DEFAULT_PARAMS[kind].items())
+        text = textwrap.wrap(KIND_HELP[kind], 86) + [f"params: {prm}"]
+        lines += [f"  {kind if j == 0 else '':<10} {t}" for j, t in enumerate(text)]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, epilog=_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", nargs="?", choices=GUIDE_KINDS, help="the guide kind (or --kind)")
+    p.add_argument("--kind", dest="kind_opt", choices=GUIDE_KINDS, help="the guide kind")
+    p.add_argument("--images", default="data/gray48/images.h5", help="gray48 images")
+    p.add_argument("--landmarks", default="data/landmarks/landmarks.h5", help="landmarks stage output")
+    p.add_argument("--out", help="packed output (default data/guides/<kind>.h5)")
+    p.add_argument("--sheet", help="contact sheet PNG (default plots/sheets/guide_<kind>.png; '' for none)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one guides.<kind> param (repeatable), e.g. -S mode=gaussian")
+    a = p.parse_args(argv)
+    if a.kind and a.kind_opt and a.kind != a.kind_opt:
+        p.error(f"two different kinds given: {a.kind} and --kind {a.kind_opt}")
+    kind = a.kind or a.kind_opt
+    if not kind:
+        p.error(f"give a kind, one of {', '.join(GUIDE_KINDS)}")
+    prm = dict(load_params(a.params, "guides").get(kind) or {})
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set expects KEY=VALUE, got '{item}'")
+        prm[key.strip()] = yaml.safe_load(value)
+    out = a.out or f"data/guides/{kind}.h5"
+    sheet = f"plots/sheets/guide_{kind}.png" if a.sheet is None else (a.sheet or None)
+    print(run_guide(kind, a.images, a.landmarks, out, sheet, **prm))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Stage ingest: read a raw dataset, decode every image to size x size grayscale, pack it.
+
+Formats (params: dataset.format, dataset.path, dataset.root):
+  folder       Kaggle layout <path>/<split>/<class>/<image> (split: train, val, validation, test,
+               PublicTest, PrivateTest; png jpg jpeg bmp tif tiff gif webp)
+  fer2013_csv  the original fer2013.csv (emotion, pixels, Usage)
+  affectnet    AffectNet training.csv / validation.csv (face box cropped; --split val for validation)
+  listfile     LSTM-on-CNN list file: path label [label2 ...] seq_number (--sort, --ignore-missing)
+  guided_st    Guided-ST CSV emotion;path;in_set;fold (3-class polarity)
+Relative image paths of CSV/list formats are joined to --root (default: the file's folder).
+
+Writes one packed HDF5 (images uint8 [N,size,size], ids; attrs with the class list), the manifest
+of kept rows (same order), the rejects table (every input not used, with the reason), count metrics
+and a contact sheet (a row of samples per class). Nothing is written if the dataset cannot be read.
+Params: ingest.size, ingest.workers (0 = every core); optional dataset.split/sort/ignore_missing.
+"""
+import argparse
+
+from ferpipe.data.ingest import run_ingest
+from ferpipe.data.readers import READERS, reader_options
+from ferpipe.params import load_params
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--format", choices=sorted(READERS), help="override dataset.format")
+    p.add_argument("--path", help="override dataset.path (a folder, CSV or list file)")
+    p.add_argument("--root", help="override dataset.root (image root of CSV/list formats)")
+    p.add_argument("--split", help="split of every row (affectnet, listfile; default train)")
+    p.add_argument("--sort", action="store_true", default=None,
+                   help="listfile: order by (seq_number, path) and renumber sequences")
+    p.add_argument("--ignore-missing", action="store_true", default=None,
+                   help="listfile: list absent images as rejects instead of failing")
+    p.add_argument("--size", type=int, help="override ingest.size")
+    p.add_argument("--workers", type=int, help="override ingest.workers (0 = every core)")
+    p.add_argument("--out", default="data/ingest/images.h5", help="packed images (HDF5)")
+    p.add_argument("--manifest", default="data/ingest/manifest.csv", help="manifest of kept rows (CSV)")
+    p.add_argument("--rejects", default="data/ingest/rejects.csv", help="rejected inputs with reasons (CSV)")
+    p.add_argument("--metrics", default="metrics/ingest.json", help="count metrics (JSON)")
+    p.add_argument("--sheet", default="plots/sheets/ingest.png", help="contact sheet PNG ('' for none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+
+    data = load_params(a.params)
+    ds, prm = data.get("dataset", {}), data.get("ingest", {})
+    fmt = a.format or ds["format"]
+    allowed = reader_options(fmt)
+    options = {}
+    for key in ("split", "sort", "ignore_missing"):
+        cli = getattr(a, key)
+        if cli is not None:
+            if key not in allowed:
+                p.error(f"format {fmt} takes no --{key.replace('_', '-')} option")
+            options[key] = cli
+        elif ds.get(key) is not None and key in allowed:  # params keys that do not apply are ignored
+            options[key] = ds[key]
+    result = run_ingest(
+        fmt, a.path or ds["path"], a.root if a.root is not None else ds.get("root", ""),
+        a.out, a.manifest, a.rejects, a.metrics, a.sheet or None,
+        size=a.size or prm.get("size", 48),
+        workers=a.workers if a.workers is not None else prm.get("workers", 0),
+        options=options, progress=not a.quiet)
+    print(result)
+
+
+if __name__ == "__main__":
+    main()

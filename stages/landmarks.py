@@ -1,0 +1,34 @@
+"""Stage landmarks: 68 face landmarks per image (params: landmarks.size, passes, workers, chunk).
+
+Each image is resized to landmarks.size px; detector passes run in order until one finds a face
+box (dlib HOG, dlib on the equalized image, dlib with a padded border, MTCNN, OpenCV Haar, dlib MMOD
+CNN); dlib's 68-point predictor runs on that box. Where every pass fails the predictor runs on a fixed
+box and the image is flagged (found=False, method=fallback). Writes landmarks.h5 (landmarks
+[N,68,2] normalized (x, y), found, method, confidence, box, ids), metrics (share per method) and a
+contact sheet with a row per method.
+"""
+import argparse
+
+from ferpipe.faces.landmarks import PASSES, run_landmarks
+from ferpipe.params import load_params
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default="data/ingest/images.h5", help="normalized images (ingest output)")
+    p.add_argument("--out", default="data/landmarks/landmarks.h5")
+    p.add_argument("--metrics", default="metrics/landmarks.json")
+    p.add_argument("--sheet", default="plots/sheets/landmarks.png", help="contact sheet PNG ('' for none)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--size", type=int, help="override landmarks.size")
+    p.add_argument("--passes", nargs="+", choices=PASSES, help="override landmarks.passes")
+    p.add_argument("--workers", type=int, help="override landmarks.workers (0 = every core)")
+    a = p.parse_args(argv)
+    prm = load_params(a.params, "landmarks")
+    print(run_landmarks(a.images, a.out, a.metrics or None, a.sheet or None,
+                        size=a.size or prm["size"], passes=a.passes or prm["passes"],
+                        workers=prm["workers"] if a.workers is None else a.workers, chunk=prm["chunk"]))
+
+
+if __name__ == "__main__":
+    main()

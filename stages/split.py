@@ -1,0 +1,31 @@
+"""Stage split: targets for the task, stratified k folds on the training rows, the test split kept apart.
+
+params: task (classes | polarity | valence_arousal), split.folds, split.seed, split.test (the manifest
+splits held out for the final test; never used for selection). Folds are subject-independent when
+every training row has a subject. Writes data/split/split.csv (id, index into the packed arrays,
+split, fold, target, target_name [, valence, arousal]) and metrics/split.json (classes, counts,
+excluded rows with the reason).
+"""
+import argparse
+
+from ferpipe.data.split import TASKS, run_split
+from ferpipe.params import load_params
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", default="data/ingest/manifest.csv")
+    p.add_argument("--out", default="data/split/split.csv")
+    p.add_argument("--summary", default="metrics/split.json")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--task", choices=TASKS, help="override the top-level task")
+    p.add_argument("--folds", type=int, help="override split.folds")
+    a = p.parse_args(argv)
+    params = load_params(a.params)
+    prm = params["split"]
+    print(run_split(a.manifest, a.out, a.summary, task=a.task or params["task"], folds=a.folds or prm["folds"],
+                    seed=prm["seed"], test=prm["test"]))
+
+
+if __name__ == "__main__":
+    main()
