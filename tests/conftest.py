@@ -35,3 +35,81 @@ def fer_slice(fer_dir: Path, split: str = "train", per_class: int = 8, classes=N
             images.append(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE))
             labels.append(cls_dir.name)
     return np.stack(images), labels
+
+
+# ---- a throwaway copy of the project, for tests of DVC behaviour --------------------------------
+import os
+import subprocess
+import sys
+
+import yaml
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+class Project:
+    """A git + DVC copy of this checkout in a temp dir, with helpers to run dvc and edit params."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+                    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                    "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        res = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True)
+        if check and res.returncode:
+            raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def dvc(self, *args: str, check: bool = True) -> str:
+        res = self.run(sys.executable, "-m", "dvc", *args, check=check)
+        return res.stdout + res.stderr
+
+    def set_params(self, **changes) -> None:
+        """set_params(**{"guides.soft.threshold": 50}) edits params.yaml in place."""
+        path = self.root / "params.yaml"
+        data = yaml.safe_load(path.read_text())
+        for key, value in changes.items():
+            node = data
+            *parents, last = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[last] = value
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def commit(self, msg: str = "update") -> None:
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-qm", msg, "--allow-empty")
+
+
+def ran_stages(output: str) -> list[str]:
+    """Names of the stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def make_project(tmp: Path, **params) -> Project:
+    """Copy the tracked and new (non-ignored) files of this checkout, small demo params, git commit."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+    (tmp / "dvc.lock").unlink(missing_ok=True)
+    proj = Project(tmp)
+    proj.run("git", "init", "-q")
+    proj.set_params(**{"demo.train_per_class": 16, "demo.test_per_class": 6, **params})
+    proj.commit("init")
+    return proj
+
+
+@pytest.fixture(scope="session")
+def demo_project(tmp_path_factory) -> Project:
+    """The project after a full `dvc repro` on a small demo dataset (shared by the DVC tests)."""
+    proj = make_project(tmp_path_factory.mktemp("project"))
+    proj.first_repro = proj.dvc("repro")
+    proj.commit("repro")
+    return proj
