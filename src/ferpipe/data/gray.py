@@ -1,22 +1,20 @@
 """The 48x48 grayscale stage: resize the normalized images to the classifier's input size."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
+from ferpipe.data.decode import resize
 from ferpipe.plots import grid, sample_indices, write_png
 from ferpipe.store import read_attrs, read_h5, write_h5
 
 
 def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 [N, H, W] to [N, size, size]; area interpolation down, cubic up, copy if equal."""
-    n, h, w = images.shape
-    if (h, w) == (size, size):
+    """Resize uint8 [N, H, W] to [N, size, size] with decode.resize (area down, cubic up)."""
+    if images.shape[1:] == (size, size):
         return images.copy()
-    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
-    out = np.empty((n, size, size), np.uint8)
-    for i in range(n):
-        out[i] = cv2.resize(images[i], (size, size), interpolation=interp)
+    out = np.empty((len(images), size, size), np.uint8)
+    for i, im in enumerate(images):
+        out[i] = resize(im, size)
     return out
 
 

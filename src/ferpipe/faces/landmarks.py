@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ferpipe.data.gray import resize_batch
 from ferpipe.faces.models import dlib_model
 
 PASSES = ("dlib", "dlib_equalized", "dlib_padded", "mtcnn", "haar", "mmod")
@@ -158,20 +159,15 @@ def _detect_chunk(imgs):
     return _worker.detect(imgs)
 
 
-def upscale(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 [N, H, W] to [N, size, size] (cubic): dlib misses most faces at 48 px."""
-    if images.shape[1:] == (size, size):
-        return images
-    return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_CUBIC) for im in images])
-
-
 def detect_landmarks(images: np.ndarray, size: int = 96, passes=PASSES, workers: int = 1,
                      chunk: int = 256, progress: bool = True) -> Landmarks:
-    """Landmarks for uint8 [N, H, W] grayscale images, in parallel over chunks, results in order."""
+    """Landmarks for uint8 [N, H, W] grayscale images, in parallel over chunks, results in order.
+
+    Images are resized to `size` first: dlib's HOG detector misses most faces at 48 px."""
     unknown = [p for p in passes if p not in PASSES]
     if unknown:
         raise ValueError(f"unknown landmark passes {unknown}; choose from {list(PASSES)}")
-    chunks = [upscale(images[i:i + chunk], size) for i in range(0, len(images), chunk)]
+    chunks = [resize_batch(images[i:i + chunk], size) for i in range(0, len(images), chunk)]
     bar = tqdm(total=len(images), desc="landmarks", unit="img", disable=not progress)
     parts = []
     if workers <= 1:
