@@ -70,7 +70,9 @@ def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bo
     ok = np.ones(n, bool)
     reasons = {}
     bar = tqdm(total=n, unit="img", desc="ingest", disable=None if progress else True)
-    pool = get_context().Pool(nproc, initializer=_init_worker) if nproc > 1 else None
+    # spawn, not fork: a fork of a process whose OpenCV/torch threads already ran can deadlock
+    # (seen: the test suite hung here after earlier tests used cv2 and torch in the same process)
+    pool = get_context("spawn").Pool(nproc, initializer=_init_worker) if nproc > 1 else None
     try:
         results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
         start = 0
