@@ -1,0 +1,71 @@
+"""Classification metrics from predicted probabilities, and the predictions table.
+
+``classification_metrics(y, probs, classes)`` -> accuracy, macro_f1, balanced_accuracy (mean
+per-class recall over the classes present in y), top2/top3 (only when there are more than 2/3
+classes), per-class precision/recall/f1/support, n. Every value is a plain float/int, ready for JSON.
+
+Predictions CSV columns: id, actual, predicted (class names, for DVC's confusion template),
+correct, confidence (probability of the predicted class), prob_<class> per class.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score,
+                             precision_recall_fscore_support, top_k_accuracy_score)
+
+PROB_PREFIX = "prob_"
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    y = np.asarray(y, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape != (len(y), len(classes)):
+        raise ValueError(f"probs must be [n={len(y)}, classes={len(classes)}], got {probs.shape}")
+    if len(y) == 0:
+        raise ValueError("no rows to evaluate")
+    labels = np.arange(len(classes))
+    pred = probs.argmax(1)
+    out = {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+    }
+    for k in (2, 3):
+        if len(classes) > k:
+            out[f"top{k}"] = float(top_k_accuracy_score(y, probs, k=k, labels=labels))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                        for i, c in enumerate(classes)}
+    return out
+
+
+def confusion(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts [actual, predicted]."""
+    return confusion_matrix(y, pred, labels=np.arange(n_classes))
+
+
+def predictions_table(ids, y: np.ndarray, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    y = np.asarray(y, dtype=np.int64)
+    pred = probs.argmax(1)
+    names = np.asarray(classes, dtype=object)
+    frame = pd.DataFrame({"id": np.asarray(ids).astype(str), "actual": names[y], "predicted": names[pred],
+                          "correct": (pred == y).astype(int), "confidence": probs.max(1).round(6)})
+    for i, c in enumerate(classes):
+        frame[f"{PROB_PREFIX}{c}"] = probs[:, i].round(6)
+    return frame
+
+
+def read_predictions(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(ids, y, probs, classes) from a predictions table (the inverse of ``predictions_table``)."""
+    classes = [c[len(PROB_PREFIX):] for c in frame.columns if c.startswith(PROB_PREFIX)]
+    if not classes or not {"id", "actual"} <= set(frame.columns):
+        raise ValueError("not a predictions table: needs id, actual and prob_<class> columns")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(frame["actual"].astype(str)) - set(index))
+    if unknown:
+        raise ValueError(f"actual labels {unknown} have no prob_ column")
+    y = frame["actual"].astype(str).map(index).to_numpy(np.int64)
+    probs = frame[[PROB_PREFIX + c for c in classes]].to_numpy(np.float64)
+    return frame["id"].astype(str).to_numpy(), y, probs, classes

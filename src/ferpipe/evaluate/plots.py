@@ -1,0 +1,77 @@
+"""Evaluation pictures: the confusion matrix (counts + row-normalized) and the worst-errors sheet."""
+from __future__ import annotations
+
+import io
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ferpipe.store import atomic_path  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def confusion_png(path: str | os.PathLike, cm: np.ndarray, classes: list[str], title: str = "") -> None:
+    """Two panels: counts, and rows normalized to 1 (recall on the diagonal)."""
+    cm = np.asarray(cm)
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
+    k = len(classes)
+    side = max(3.5, 0.7 * k + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side), layout="constrained")
+    for ax, mat, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], norm, ".2f", "row-normalized")):
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xticks(range(k), classes, rotation=45, ha="right")
+        ax.set_yticks(range(k), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(name)
+    fig.colorbar(im, ax=axes, fraction=0.03)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def worst_errors(y: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k most confident wrong predictions (highest probability on a wrong class)."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != np.asarray(y))
+    order = np.argsort(-probs[wrong, pred[wrong]], kind="stable")
+    return wrong[order[:k]]
+
+
+def errors_png(path: str | os.PathLike, images: np.ndarray, y: np.ndarray, probs: np.ndarray,
+               classes: list[str], k: int = 36, cols: int = 6, title: str = "") -> int:
+    """Contact sheet of the k most confident errors, each titled true / predicted (probability).
+
+    Returns how many errors are shown (a sheet saying 'no errors' when there are none)."""
+    idx = worst_errors(y, probs, k)
+    pred = probs.argmax(1)
+    n = len(idx)
+    cols = max(1, min(cols, n)) if n else 1
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.0 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), idx):
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred[i]]} {probs[i, pred[i]]:.2f}", fontsize=7)
+    if n == 0:
+        axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center")
+    fig.suptitle(title or f"{n} most confident errors", fontsize=9)
+    _save(fig, path)
+    return n

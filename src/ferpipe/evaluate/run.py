@@ -1,0 +1,137 @@
+"""The evaluate stage: test-split metrics of the trained model(s), predictions, confusion, worst errors.
+
+Only rows with split == test are read (FER-2013 PublicTest for ../shared/data/fer2013); they took
+no part in training or model selection. The model evaluated (``evaluate.members``):
+
+* ``auto``: models/final.pt when it exists, else the fold models together;
+* ``final``: models/final.pt (an error when absent);
+* ``folds``: every models/fold<k>.pt, their softmax probabilities averaged (a k-model ensemble).
+
+``eval.json`` says which (``members``, ``checkpoints``). Test-time augmentation
+(``evaluate.tta: N``): N augmented copies of each image (flip / small affine from
+``evaluate.tta_augment``, seeded) whose softmax is averaged with the plain prediction's.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ferpipe.evaluate.metrics import classification_metrics, confusion, predictions_table
+from ferpipe.evaluate.plots import confusion_png, errors_png
+from ferpipe.store import write_csv, write_json
+from ferpipe.train.augment import BatchAugment
+from ferpipe.train.checkpoint import load_checkpoint
+from ferpipe.train.data import InputSpec, TensorData, load_data
+
+DEFAULTS = {
+    "members": "auto", "tta": 0, "tta_augment": {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05},
+    "seed": 2020, "batch_size": 512, "errors": 36, "device": "auto", "threads": 0,
+}
+
+
+def resolve_params(prm: dict | None) -> dict:
+    prm = dict(prm or {})
+    unknown = set(prm) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown evaluate params {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    out = {**DEFAULTS, **{k: v for k, v in prm.items() if v is not None}}
+    if out["members"] not in ("auto", "final", "folds"):
+        raise ValueError(f"evaluate.members must be auto, final or folds, got {out['members']!r}")
+    if int(out["tta"]) < 0:
+        raise ValueError("evaluate.tta must be >= 0")
+    return out
+
+
+def _fold_number(path: Path) -> int:
+    try:
+        return int(path.stem.removeprefix("fold"))
+    except ValueError:
+        return 10**9
+
+
+def select_checkpoints(models_dir: str | os.PathLike, members: str = "auto") -> tuple[str, list[Path]]:
+    """('final' | 'folds', the checkpoint paths) for an evaluate.members setting."""
+    models_dir = Path(models_dir)
+    final = models_dir / "final.pt"
+    folds = sorted(models_dir.glob("fold*.pt"), key=_fold_number)
+    if members in ("auto", "final") and final.is_file():
+        return "final", [final]
+    if members == "final":
+        raise FileNotFoundError(f"evaluate.members is final but {final} does not exist (train.final: true?)")
+    if not folds:
+        raise FileNotFoundError(f"no checkpoints in {models_dir} (fold<k>.pt or final.pt); run the train stage")
+    return "folds", folds
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: InputSpec, tta: int = 0,
+            tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512) -> np.ndarray:
+    """Softmax probabilities [len(rows), C]; with tta > 0 averaged over the plain + tta augmented copies."""
+    data.spec = spec
+    model.eval()
+    aug = BatchAugment.from_params(tta_augment, seed=seed) if tta else None
+    out = []
+    for idx in rows.split(batch_size):
+        image, guide, _ = data.batch(idx)
+        p = torch.softmax(model(image, guide).float(), 1)
+        for _ in range(int(tta)):
+            image, guide, _ = data.batch(idx, aug)
+            p += torch.softmax(model(image, guide).float(), 1)
+        out.append((p / (1 + int(tta))).cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(data.classes)))
+
+
+def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "data/split/split.csv",
+                 gray48: str = "data/gray48/images.h5", guides_dir: str = "data/guides",
+                 metrics_path: str | None = "metrics/eval.json", predictions_path: str | None = "plots/eval/predictions.csv",
+                 confusion_path: str | None = "plots/eval/confusion.png", errors_path: str | None = "plots/eval/errors.png") -> dict:
+    prm = resolve_params(params.get("evaluate"))
+    device = torch.device("cuda" if prm["device"] == "auto" and torch.cuda.is_available() else
+                          ("cpu" if prm["device"] == "auto" else prm["device"]))
+    if device.type == "cpu":
+        torch.set_num_threads(int(prm["threads"]) or (os.cpu_count() or 1))
+    kind, paths = select_checkpoints(models_dir, prm["members"])
+    loaded = [load_checkpoint(p, map_location=device) for p in paths]
+    names = {info["model"] for _, info in loaded}
+    if len(names) != 1:
+        raise ValueError(f"checkpoints in {models_dir} are of different models {sorted(names)}")
+    name = names.pop()
+    first = loaded[0][1]
+    if params.get("model") and params["model"] != name:
+        print(f"warning: params model is {params['model']!r} but {models_dir} holds {name!r} checkpoints; "
+              "evaluating the checkpoints (dvc repro retrains)")
+    data = load_data(split_csv, name, first.get("model_kwargs"), gray48, guides_dir, device, splits=("test",))
+    classes = list(first["classes"])
+    if data.classes != classes:
+        raise ValueError(f"the split's classes {data.classes} differ from the checkpoints' {classes} "
+                         "(task changed since training? dvc repro)")
+    data.classes = classes
+    rows = data.test_rows()
+    if len(rows) == 0:
+        raise ValueError(f"{split_csv}: no test rows (split.test in params.yaml)")
+    probs = np.zeros((len(rows), len(classes)))
+    for model, info in loaded:
+        spec = InputSpec.from_dict(info["meta"].get("input"))
+        probs += predict(model.to(device), data, rows, spec, prm["tta"], prm["tta_augment"], prm["seed"],
+                         prm["batch_size"])
+    probs /= len(loaded)
+    y = data.targets[rows].cpu().numpy()
+    metrics = classification_metrics(y, probs, classes)
+    header = {"model": name, "members": kind, "checkpoints": [p.name for p in paths], "tta": int(prm["tta"]),
+              "classes": classes, "split": "test"}
+    metrics = {**header, **metrics}
+    table = data.table.iloc[rows.cpu().numpy()]
+    if predictions_path:
+        write_csv(predictions_path, predictions_table(table["id"], y, probs, classes))
+    title = f"{name} ({kind}{', tta ' + str(prm['tta']) if prm['tta'] else ''}) test acc {metrics['accuracy']:.4f}"
+    if confusion_path:
+        confusion_png(confusion_path, confusion(y, probs.argmax(1), len(classes)), classes, title)
+    if errors_path:
+        images = data.pixels[rows, 0].cpu().numpy()
+        errors_png(errors_path, images, y, probs, classes, int(prm["errors"]), title=f"{name}: most confident errors")
+    if metrics_path:
+        write_json(metrics_path, metrics)
+    return metrics

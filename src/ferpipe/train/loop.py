@@ -1,0 +1,286 @@
+"""The training loop: Adam, class-weighted cross-entropy, early stopping on validation accuracy.
+
+One ``fit`` call trains one model on a set of rows of a ``TensorData`` and returns the state of
+the epoch with the best validation accuracy (ties keep the earlier epoch; training accuracy never
+selects anything). Without validation rows (the final model on all training data) it runs exactly
+``max_epochs`` epochs and returns the last state.
+
+Device and processes: ``setup_runtime`` picks CUDA (with autocast mixed precision) when present,
+else CPU with ``torch.set_num_threads``; under ``torchrun`` it joins the process group (gloo on
+CPU, nccl on GPU). Every rank draws the same shuffled order, takes its shard ``batch[rank::world]``
+of each batch, and DistributedDataParallel all-reduces the gradients; epoch metrics are summed
+over ranks, so every rank makes the same early-stopping decision. Only rank 0 logs and writes.
+
+Determinism on CPU: ``seed_everything`` seeds torch/numpy/random and turns on
+``torch.use_deterministic_algorithms`` (warn-only, so an op without a deterministic kernel on some
+device still runs); shuffling and augmentation use their own seeded generators.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from ferpipe.train.data import TensorData
+
+
+# ---------------------------------------------------------------------------- runtime
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    amp_dtype: torch.dtype | None = None   # autocast dtype on CUDA, None = full precision
+    threads: int = 1
+    restore: dict = field(default_factory=dict)  # process-wide torch settings to put back at teardown
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        amp = f", amp {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else ""
+        ddp = f", DDP {self.world} processes" if self.distributed else ""
+        dev = self.device.type if self.device.type != "cpu" else f"cpu ({self.threads} threads)"
+        return f"{dev}{amp}{ddp}"
+
+
+def setup_runtime(device: str = "auto", threads: int = 0, amp: bool = True) -> Runtime:
+    """Choose the device, thread count and mixed precision; join the torchrun process group if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {device!r}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    cores = os.cpu_count() or 1
+    n_threads = int(threads) if threads else max(1, cores // world)
+    restore = {"threads": torch.get_num_threads(),
+               "deterministic": (torch.are_deterministic_algorithms_enabled(),
+                                 torch.is_deterministic_algorithms_warn_only_enabled())}
+    torch.set_num_threads(n_threads)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    amp_dtype = None
+    if use_cuda and amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return Runtime(dev, rank, world, local_rank, amp_dtype, n_threads, restore)
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    """Leave the process group; put back the thread count and determinism flags of the caller."""
+    if rt.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if rt.restore:
+        torch.set_num_threads(rt.restore["threads"])
+        mode, warn_only = rt.restore["deterministic"]
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch; ask torch for deterministic kernels where it has them."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+# ---------------------------------------------------------------------------- config
+
+@dataclass
+class FitConfig:
+    max_epochs: int = 500
+    patience: int = 30
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 2020
+    progress: bool | None = None      # None: a bar when stderr is a terminal
+    log_every: int = 1                # print an epoch summary line every N epochs (0 = never)
+
+
+def class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """min_count / count_c per class (Guided-ST); a class with no rows gets weight 0."""
+    counts = counts.to(torch.float32)
+    present = counts > 0
+    if not present.any():
+        raise ValueError("no training rows")
+    w = torch.zeros_like(counts)
+    w[present] = counts[present].min() / counts[present]
+    return w
+
+
+@dataclass
+class FitResult:
+    best_state: dict
+    best_epoch: int
+    best_val_acc: float | None
+    best_val_loss: float | None
+    epochs: int
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    images: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _all_sum(rt: Runtime, *values: torch.Tensor) -> list[torch.Tensor]:
+    t = torch.stack([v.detach().to(torch.float64) for v in values])
+    if rt.distributed:
+        # gloo/nccl both reduce float64 on their own devices
+        t = t.to(rt.device)
+        dist.all_reduce(t)
+    return list(t.cpu())
+
+
+@torch.no_grad()
+def evaluate_rows(model: nn.Module, data: TensorData, rows: torch.Tensor, criterion: nn.Module,
+                  rt: Runtime, batch_size: int = 512) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` on `rows` (each rank takes a shard; results summed)."""
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
+    rows = rows[rt.rank::rt.world]
+    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    correct = torch.zeros((), device=rt.device, dtype=torch.float64)
+    for idx in rows.split(batch_size):
+        image, guide, y = data.batch(idx)
+        with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+            logits = net(image, guide)
+        loss_sum += criterion(logits.float(), y).double() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+    n = torch.tensor(float(len(rows)), dtype=torch.float64)
+    loss_sum, correct, n = _all_sum(rt, loss_sum, correct, n)
+    net.train(was_training)
+    if n == 0:
+        return float("nan"), float("nan")
+    return float(loss_sum / n), float(correct / n)
+
+
+def train_batches(rows: torch.Tensor, batch_size: int, generator: torch.Generator, world: int = 1) -> list[torch.Tensor]:
+    """Shuffle rows (same order on every rank) and cut batches; a last batch too small to give
+    every rank two samples (BatchNorm needs > 1) is dropped."""
+    perm = torch.randperm(len(rows), generator=generator).to(rows.device)
+    batches = list(rows[perm].split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2 * world:
+        batches.pop()
+    return batches
+
+
+def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: torch.Tensor | None,
+        cfg: FitConfig, rt: Runtime, weights: torch.Tensor | None = None, augment: Callable | None = None,
+        live=None, desc: str = "train") -> FitResult:
+    """Train `model` (already on rt.device, DDP-wrapped when distributed); return the best state."""
+    if len(train_rows) == 0:
+        raise ValueError(f"{desc}: no training rows")
+    has_val = val_rows is not None and len(val_rows) > 0
+    net = _unwrap(model)
+    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(rt.device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
+    order = torch.Generator().manual_seed(int(cfg.seed))
+    patience = cfg.patience if cfg.patience and cfg.patience > 0 else math.inf
+    # tqdm: disable=None shows a bar only on a terminal (dvc repro logs stay readable)
+    bar_off = True if not rt.is_main else (None if cfg.progress is None else not cfg.progress)
+
+    best = FitResult(best_state={}, best_epoch=0, best_val_acc=None, best_val_loss=None, epochs=0)
+    t0 = time.perf_counter()
+    for epoch in range(1, int(cfg.max_epochs) + 1):
+        model.train()
+        batches = train_batches(train_rows, cfg.batch_size, order, rt.world)
+        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+        correct = torch.zeros((), device=rt.device, dtype=torch.float64)
+        seen = 0
+        bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}", unit="batch", leave=False,
+                   disable=bar_off, dynamic_ncols=True)
+        for idx in batches:
+            local = idx[rt.rank::rt.world]
+            image, guide, y = data.batch(local, augment)
+            with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
+                logits = model(image, guide)
+                loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            loss_sum += loss.detach().double() * len(local)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(local)
+            bar.update(1)
+        bar.close()
+        loss_sum, correct, n = _all_sum(rt, loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64))
+        best.images += int(n)
+        row = {"epoch": epoch, "train_loss": float(loss_sum / n), "train_acc": float(correct / n)}
+        if has_val:
+            row["val_loss"], row["val_acc"] = evaluate_rows(model, data, val_rows, criterion, rt, cfg.eval_batch_size)
+        best.history.append(row)
+        improved = (not has_val) or best.best_val_acc is None or row["val_acc"] > best.best_val_acc
+        if improved:
+            best.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+            best.best_epoch = epoch
+            if has_val:
+                best.best_val_acc, best.best_val_loss = row["val_acc"], row["val_loss"]
+        best.epochs = epoch
+        if rt.is_main:
+            if live is not None:
+                live.step = epoch
+                for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                    if key in row:
+                        live.log_metric(key.replace("_", "/", 1), row[key])
+                live.next_step()
+            if cfg.log_every and (epoch % cfg.log_every == 0 or epoch == 1):
+                msg = f"{desc} epoch {epoch}/{cfg.max_epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+                if has_val:
+                    msg += (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+                            f" | best {best.best_val_acc:.4f} @ {best.best_epoch}")
+                tqdm.write(msg)
+        if has_val and epoch - best.best_epoch >= patience:
+            if rt.is_main and cfg.log_every:
+                tqdm.write(f"{desc}: early stop at epoch {epoch} (no val acc gain for {epoch - best.best_epoch} epochs)")
+            break
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    best.seconds = time.perf_counter() - t0
+    return best
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(_unwrap(model))

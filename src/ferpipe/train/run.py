@@ -1,0 +1,206 @@
+"""The train stage: k-fold cross-validation (one model per fold), an optional final model, metrics.
+
+For each fold k (all folds of the split stage, or the ``train.folds`` list): train on the other
+folds, select the epoch by validation accuracy on fold k, write models/fold<k>.pt. With
+``train.final: true``, one more model is trained on every training row for round(mean best epoch)
+epochs (the epoch count chosen by cross-validation, never by training accuracy) -> models/final.pt.
+The test split is not even loaded here.
+
+metrics/train.json: per-fold best validation accuracy/loss and best epoch, mean and std (population,
+ddof=0) of the validation accuracy over the folds run, the final model's epoch count. It holds
+no timings, so rerunning with the same seed gives an identical file; timings are printed and kept
+in each checkpoint's meta.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ferpipe.models import MODEL_SPECS, STN, build_model, load_weights, replace_head
+from ferpipe.store import write_json
+from ferpipe.train.augment import BatchAugment
+from ferpipe.train.checkpoint import save_checkpoint
+from ferpipe.train.data import InputSpec, TensorData, channel_stats, load_data
+from ferpipe.train.loop import (FitConfig, Runtime, class_weights, fit, seed_everything, setup_runtime,
+                                teardown_runtime)
+
+DEFAULTS = {
+    "seed": 2020, "folds": "all", "final": False, "max_epochs": 500, "patience": 30, "batch_size": 128,
+    "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "class_weights": True, "standardize": True,
+    "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
+    "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
+    "deterministic": True, "progress": None, "log_every": 1,
+}
+
+
+def resolve_params(prm: dict | None) -> dict:
+    """train params over the defaults; unknown keys are an error (a typo must not pass silently)."""
+    prm = dict(prm or {})
+    unknown = set(prm) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown train params {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    out = {**DEFAULTS, **{k: v for k, v in prm.items() if v is not None or k == "progress"}}
+    out["augment"] = dict(out["augment"] or {})
+    out["model_kwargs"] = dict(out["model_kwargs"] or {})
+    return out
+
+
+def select_folds(spec, available: list[int]) -> list[int]:
+    """`all` or a list of fold numbers (a single int is a list of one)."""
+    if spec in (None, "all", "ALL"):
+        return list(available)
+    folds = [spec] if isinstance(spec, int) else list(spec)
+    bad = [f for f in folds if f not in available]
+    if bad or not folds:
+        raise ValueError(f"train.folds {spec!r}: the split has folds {available}")
+    return [int(f) for f in folds]
+
+
+def make_model(name: str, num_classes: int, model_kwargs: dict | None = None,
+               init_from: str | os.PathLike | None = "") -> tuple[nn.Module, dict]:
+    """Build a registry model, optionally initialized from another run (transfer learning).
+
+    ``init_from``: a ferpipe checkpoint (all weights loaded; the head replaced by a fresh one when
+    its class count differs; a ``baseline`` checkpoint also initializes an STN's classifier), or a
+    plain state_dict file (``load_weights``: matching keys, conv1 adapted, head skipped).
+    Returns (model, the kwargs to store in the checkpoint: ``weights_path`` dropped, the weights
+    being in the state_dict).
+    """
+    kw = dict(model_kwargs or {})
+    stored = {k: v for k, v in kw.items() if k != "weights_path"}
+    if not init_from:
+        return build_model(name, num_classes, **kw), stored
+    path = Path(init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init_from: checkpoint {path} not found")
+    kw.pop("weights_path", None)  # the init_from weights supersede it
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(payload, dict) and "state_dict" in payload and "num_classes" in payload):
+        model = build_model(name, num_classes, **kw)
+        load_weights(model, path)
+        return model, stored
+    src_classes = int(payload["num_classes"])
+    model = build_model(name, src_classes, **kw)
+    state = payload["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        # a Simple-CNN (baseline) checkpoint initializes the classifier of a spatial transformer
+        if isinstance(model, STN) and payload.get("model") == "baseline":
+            model.classifier.load_state_dict(state)
+        else:
+            raise ValueError(f"train.init_from {path}: a '{payload.get('model')}' checkpoint does not fit "
+                             f"model '{name}' ({str(err).splitlines()[0]})") from None
+    if src_classes != num_classes:
+        replace_head(model, num_classes)
+    return model, stored
+
+
+def _fold_spec(data: TensorData, rows: torch.Tensor, standardize: bool) -> InputSpec:
+    spec = InputSpec(**data.spec.to_dict())
+    if standardize:
+        spec.mean, spec.std = channel_stats(data.pixels, rows)
+    else:
+        spec.mean, spec.std = [0.0] * spec.channels, [1.0] * spec.channels
+    return spec
+
+
+def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: torch.Tensor | None,
+              prm: dict, rt: Runtime, seed: int, max_epochs: int, live_dir: str | None, desc: str):
+    """Train one model; returns (model with the best state loaded, FitResult, stored model kwargs)."""
+    seed_everything(seed, prm["deterministic"])
+    data.spec = _fold_spec(data, train_rows, prm["standardize"])
+    weights = class_weights(data.class_counts(train_rows)) if prm["class_weights"] else None
+    model, stored_kwargs = make_model(name, len(data.classes), prm["model_kwargs"], prm["init_from"])
+    model = model.to(rt.device)
+    wrapped = model
+    if rt.distributed:
+        wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    augment = BatchAugment.from_params(prm["augment"], seed=seed * 1009 + rt.rank)
+    cfg = FitConfig(max_epochs=max_epochs, patience=prm["patience"], batch_size=prm["batch_size"],
+                    eval_batch_size=prm["eval_batch_size"], lr=prm["lr"], weight_decay=prm["weight_decay"],
+                    seed=seed, progress=prm["progress"], log_every=prm["log_every"])
+    live = None
+    if live_dir and rt.is_main:
+        from dvclive import Live
+        live = Live(live_dir, save_dvc_exp=False, dvcyaml=None, report=None)
+    try:
+        result = fit(wrapped, data, train_rows, val_rows, cfg, rt, weights, augment, live, desc)
+    finally:
+        if live is not None:
+            live.end()
+            # dvclive's summary duplicates metrics/train.json, and inside the dvc.yaml plots directory
+            # DVC would try (and fail) to read it as a plot; the curves are plots/metrics/*.tsv
+            Path(live_dir, "metrics.json").unlink(missing_ok=True)
+    model.load_state_dict(result.best_state)
+    model.eval()
+    return model, result, stored_kwargs
+
+
+def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str = "data/gray48/images.h5",
+              guides_dir: str = "data/guides", models_dir: str = "models", metrics_path: str | None = "metrics/train.json",
+              live_root: str | None = "dvclive/train") -> dict:
+    """Cross-validate (and optionally train the final model) as params say; return the metrics dict.
+
+    ``params``: the whole params.yaml (``model``, ``task``, ``train``). Runs under torchrun too.
+    """
+    name = params["model"]
+    if name not in MODEL_SPECS:
+        raise ValueError(f"model {name!r} is not a registry model ({', '.join(MODEL_SPECS)})")
+    prm = resolve_params(params.get("train"))
+    rt = setup_runtime(prm["device"], prm["threads"], prm["amp"])
+    try:
+        data = load_data(split_csv, name, prm["model_kwargs"], gray48, guides_dir, rt.device, splits=("train",))
+        folds = select_folds(prm["folds"], data.folds)
+        models_dir = Path(models_dir)
+        if rt.is_main:
+            models_dir.mkdir(parents=True, exist_ok=True)
+            for stale in list(models_dir.glob("fold*.pt")) + [models_dir / "final.pt"]:
+                stale.unlink(missing_ok=True)  # a previous run with other folds must not leak into evaluate
+            print(f"train {name}: {len(data)} training rows, classes {data.classes}, folds {folds}, "
+                  f"on {rt.describe()}", flush=True)
+        base_meta = {"task": params.get("task"), "train_params": prm, "classes": data.classes}
+        metrics = {"model": name, "task": params.get("task"), "classes": data.classes, "folds": {}}
+        for k in folds:
+            train_rows, val_rows = data.train_rows(exclude_fold=k), data.val_rows(k)
+            live = f"{live_root}/fold{k}" if live_root else None
+            model, res, kw = train_one(name, data, train_rows, val_rows, prm, rt, prm["seed"] + k,
+                                       prm["max_epochs"], live, f"fold {k}")
+            metrics["folds"][str(k)] = {"val_acc": res.best_val_acc, "val_loss": res.best_val_loss,
+                                        "best_epoch": res.best_epoch, "epochs": res.epochs,
+                                        "train_rows": len(train_rows), "val_rows": len(val_rows)}
+            if rt.is_main:
+                save_checkpoint(models_dir / f"fold{k}.pt", model, name, data.classes, kw, {
+                    **base_meta, "fold": k, "best_epoch": res.best_epoch, "val_acc": res.best_val_acc,
+                    "val_loss": res.best_val_loss, "epochs": res.epochs, "history": res.history,
+                    "input": data.spec.to_dict(), "seconds": res.seconds, "images_per_s": res.images_per_s,
+                    "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
+                print(f"fold {k}: best val acc {res.best_val_acc:.4f} at epoch {res.best_epoch} "
+                      f"({res.epochs} epochs, {res.seconds:.1f} s, {res.images_per_s:.0f} img/s)", flush=True)
+        accs = np.array([m["val_acc"] for m in metrics["folds"].values()], dtype=float)
+        epochs = np.array([m["best_epoch"] for m in metrics["folds"].values()], dtype=float)
+        metrics.update(val_acc_mean=float(accs.mean()), val_acc_std=float(accs.std()),
+                       best_epoch_mean=float(epochs.mean()), n_folds=len(folds))
+        if prm["final"]:
+            n_epochs = max(1, int(round(epochs.mean())))
+            rows = data.train_rows()
+            live = f"{live_root}/final" if live_root else None
+            model, res, kw = train_one(name, data, rows, None, prm, rt, prm["seed"] + 1000, n_epochs, live, "final")
+            metrics["final"] = {"epochs": n_epochs, "train_rows": len(rows),
+                                "train_acc": res.history[-1]["train_acc"], "train_loss": res.history[-1]["train_loss"]}
+            if rt.is_main:
+                save_checkpoint(models_dir / "final.pt", model, name, data.classes, kw, {
+                    **base_meta, "fold": None, "best_epoch": n_epochs, "epochs": n_epochs, "history": res.history,
+                    "input": data.spec.to_dict(), "seconds": res.seconds, "images_per_s": res.images_per_s,
+                    "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
+                print(f"final: {n_epochs} epochs on {len(rows)} rows ({res.seconds:.1f} s)", flush=True)
+        if rt.is_main and metrics_path:
+            write_json(metrics_path, metrics)
+        return metrics
+    finally:
+        teardown_runtime(rt)

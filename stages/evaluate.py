@@ -1,0 +1,58 @@
+"""Stage evaluate: the trained model(s) on the held-out test split (params: model, evaluate).
+
+Only rows with split == test (never used for training or selection). The model is models/final.pt
+when present, else the fold models with their softmax probabilities averaged (evaluate.members:
+auto | final | folds); eval.json says which. evaluate.tta: N averages N augmented copies
+(evaluate.tta_augment: flip / small affine) with the plain prediction.
+
+Writes metrics/eval.json (accuracy, macro_f1, balanced_accuracy, top2/top3 when classes > 2/3,
+per-class precision/recall/f1, n), plots/eval/predictions.csv (id, actual, predicted, correct,
+confidence, prob_<class>; a DVC confusion plot), plots/eval/confusion.png (counts and row-normalized)
+and plots/eval/errors.png (the most confident wrong predictions, true / predicted).
+Example: python stages/evaluate.py -S tta=8 --metrics metrics/eval_tta.json
+Compare runs: dvc metrics diff; dvc plots diff; ensembles of runs: python stages/ensemble.py --help
+"""
+import argparse
+import os
+
+# Idle OpenMP threads sleep instead of spinning: with another busy process on the cores, spinning
+# threads made small-model training ~20x slower here (bench/train_speed.py). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import yaml
+
+from ferpipe.evaluate.run import DEFAULTS, run_evaluate
+from ferpipe.params import load_params
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="evaluate params (params.yaml evaluate:, defaults): "
+                                       + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items()))
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--models", default="models", help="train stage output folder")
+    p.add_argument("--split", default="data/split/split.csv")
+    p.add_argument("--gray48", default="data/gray48/images.h5")
+    p.add_argument("--guides", default="data/guides")
+    p.add_argument("--metrics", default="metrics/eval.json", help="metrics JSON ('' for none)")
+    p.add_argument("--predictions", default="plots/eval/predictions.csv", help="predictions CSV ('' for none)")
+    p.add_argument("--confusion", default="plots/eval/confusion.png", help="confusion PNG ('' for none)")
+    p.add_argument("--errors", default="plots/eval/errors.png", help="worst-errors sheet PNG ('' for none)")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one evaluate param (repeatable, YAML values), e.g. -S tta=4")
+    a = p.parse_args(argv)
+    params = load_params(a.params)
+    params["evaluate"] = dict(params.get("evaluate") or {})
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set expects KEY=VALUE, got '{item}'")
+        params["evaluate"][key.strip()] = yaml.safe_load(value)
+    m = run_evaluate(params, a.models, a.split, a.gray48, a.guides, a.metrics or None, a.predictions or None,
+                     a.confusion or None, a.errors or None)
+    keys = ("model", "members", "tta", "n", "accuracy", "macro_f1", "balanced_accuracy", "top2", "top3")
+    print(yaml.safe_dump({k: m[k] for k in keys if k in m}, sort_keys=False).rstrip())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Stage train: k-fold cross-validation of the `model` param, an optional final model (params: model, task, train).
+
+Reads data/split/split.csv (folds; the test rows are never loaded here), the gray48 images and, for a
+guided model, its guide map (data/guides/<kind>.h5); which ones comes from the model registry.
+Writes models/fold<k>.pt (best epoch by validation accuracy on fold k), models/final.pt when
+train.final is true (all training rows, round(mean best epoch) epochs), metrics/train.json and
+per-epoch dvclive curves in dvclive/train/fold<k> (and .../final).
+
+Runs on CUDA with mixed precision when present, else CPU (train.threads, 0 = every core).
+Several processes (DDP; gloo on CPU, nccl on GPU), only rank 0 writing:
+  torchrun --nproc_per_node 2 stages/train.py
+Transfer learning: -S init_from=path/to/other/final.pt (head replaced if the classes differ).
+Examples:
+  python stages/train.py -S folds=[0] -S max_epochs=5
+  dvc exp run -S model=soft -S train.folds=[0,1]
+"""
+import argparse
+import os
+
+# Idle OpenMP threads sleep instead of spinning: with another busy process on the cores, spinning
+# threads made small-model training ~20x slower here (bench/train_speed.py). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import yaml
+
+from ferpipe.models import MODEL_NAMES
+from ferpipe.params import load_params
+from ferpipe.train.run import DEFAULTS, run_train
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="train params (params.yaml train:, defaults): "
+                                       + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items()))
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--split", default="data/split/split.csv", help="split stage output")
+    p.add_argument("--gray48", default="data/gray48/images.h5", help="gray48 stage output")
+    p.add_argument("--guides", default="data/guides", help="folder of guide@<kind> outputs")
+    p.add_argument("--models", default="models", help="output folder for fold<k>.pt / final.pt")
+    p.add_argument("--metrics", default="metrics/train.json", help="metrics JSON ('' for none)")
+    p.add_argument("--live", default="dvclive/train", help="dvclive root, one folder per fold ('' for none)")
+    p.add_argument("--model", choices=MODEL_NAMES, help="override the top-level model")
+    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one train param (repeatable, YAML values), e.g. -S folds=[0] -S max_epochs=3")
+    a = p.parse_args(argv)
+    params = load_params(a.params)
+    params["train"] = dict(params.get("train") or {})
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set expects KEY=VALUE, got '{item}'")
+        params["train"][key.strip()] = yaml.safe_load(value)
+    if a.model:
+        params["model"] = a.model
+    metrics = run_train(params, a.split, a.gray48, a.guides, a.models, a.metrics or None, a.live or None)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        print(yaml.safe_dump({k: v for k, v in metrics.items() if k != "classes"}, sort_keys=False).rstrip())
+
+
+if __name__ == "__main__":
+    main()
