@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml
 
 from ferpipe.evaluate.run import DEFAULTS, run_evaluate
-from ferpipe.params import load_params
+from ferpipe.params import apply_overrides, load_params
 
 
 def main(argv=None):
@@ -42,12 +42,10 @@ def main(argv=None):
                    help="override one evaluate param (repeatable, YAML values), e.g. -S tta=4")
     a = p.parse_args(argv)
     params = load_params(a.params)
-    params["evaluate"] = dict(params.get("evaluate") or {})
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set expects KEY=VALUE, got '{item}'")
-        params["evaluate"][key.strip()] = yaml.safe_load(value)
+    try:
+        params["evaluate"] = apply_overrides(params.get("evaluate"), a.set)
+    except ValueError as e:
+        p.error(str(e))
     m = run_evaluate(params, a.models, a.split, a.gray48, a.guides, a.metrics or None, a.predictions or None,
                      a.confusion or None, a.errors or None)
     keys = ("model", "members", "tta", "n", "accuracy", "macro_f1", "balanced_accuracy", "top2", "top3")

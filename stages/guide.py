@@ -8,10 +8,9 @@ landmarks, red where found=False, above their guide maps). dvc.yaml runs it as a
 import argparse
 import textwrap
 
-import yaml
 
 from ferpipe.guides.maps import DEFAULT_PARAMS, GUIDE_KINDS, KIND_HELP, run_guide
-from ferpipe.params import load_params
+from ferpipe.params import apply_overrides, load_params
 
 
 def _epilog() -> str:
@@ -41,12 +40,10 @@ def main(argv=None):
     kind = a.kind or a.kind_opt
     if not kind:
         p.error(f"give a kind, one of {', '.join(GUIDE_KINDS)}")
-    prm = dict(load_params(a.params, "guides").get(kind) or {})
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set expects KEY=VALUE, got '{item}'")
-        prm[key.strip()] = yaml.safe_load(value)
+    try:
+        prm = apply_overrides(load_params(a.params, "guides").get(kind), a.set)
+    except ValueError as e:
+        p.error(str(e))
     out = a.out or f"data/guides/{kind}.h5"
     sheet = f"plots/sheets/guide_{kind}.png" if a.sheet is None else (a.sheet or None)
     print(run_guide(kind, a.images, a.landmarks, out, sheet, **prm))

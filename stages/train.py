@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml
 
 from ferpipe.models import MODEL_NAMES
-from ferpipe.params import load_params
+from ferpipe.params import apply_overrides, load_params
 from ferpipe.train.run import DEFAULTS, run_train
 
 
@@ -44,12 +44,10 @@ def main(argv=None):
                    help="override one train param (repeatable, YAML values), e.g. -S folds=[0] -S max_epochs=3")
     a = p.parse_args(argv)
     params = load_params(a.params)
-    params["train"] = dict(params.get("train") or {})
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--set expects KEY=VALUE, got '{item}'")
-        params["train"][key.strip()] = yaml.safe_load(value)
+    try:
+        params["train"] = apply_overrides(params.get("train"), a.set)
+    except ValueError as e:
+        p.error(str(e))
     if a.model:
         params["model"] = a.model
     metrics = run_train(params, a.split, a.gray48, a.guides, a.models, a.metrics or None, a.live or None)

@@ -23,3 +23,14 @@ def load_params(path: str | os.PathLike = "params.yaml", section: str | None = N
 def workers(n: int | None) -> int:
     """Worker count from a param: 0 or None means every core."""
     return int(n) if n else (os.cpu_count() or 1)
+
+
+def apply_overrides(section: dict | None, items: list[str]) -> dict:
+    """A copy of a params section with `KEY=VALUE` overrides (values parsed as YAML) from a stage's -S."""
+    out = dict(section or {})
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"-S/--set expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
