@@ -18,6 +18,8 @@ Choices worth knowing:
 from __future__ import annotations
 
 import io
+import os
+import re
 import struct
 import warnings
 import zlib
@@ -113,13 +115,51 @@ def resize(gray: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(gray), (size, size), interpolation=interp)
 
 
+_VIDEO_FRAME = re.compile(r"^(.*)#frame=(\d+)$")
+_VIDEO = {"path": None, "cap": None, "pos": 0}  # per process: the open video and its next frame
+
+
+def _video_frame(path: str, index: int) -> np.ndarray:
+    """Frame `index` of a video as uint8 gray, read forward with OpenCV (exact, no keyframe seeking).
+
+    The capture stays open between calls, so reading a video's frames in order decodes it once.
+    """
+    v = _VIDEO
+    if v["path"] != path or index < v["pos"]:
+        if v["cap"] is not None:
+            v["cap"].release()
+        v.update(path=None, cap=None, pos=0)
+        if not os.path.isfile(path):
+            raise ImageError("video file not found")
+        cap = cv2.VideoCapture(path)
+        if not cap.isOpened():
+            raise ImageError("video does not open (not a video or unsupported codec)")
+        v.update(path=path, cap=cap, pos=0)
+    cap = v["cap"]
+    while v["pos"] < index:
+        if not cap.grab():
+            raise ImageError(f"video has no frame {index} (it ends after {v['pos']})")
+        v["pos"] += 1
+    ok, frame = cap.read()
+    if not ok or frame is None or frame.size == 0:
+        v["pos"] = float("inf")  # reopen on the next call
+        raise ImageError(f"video frame {index} does not decode")
+    v["pos"] += 1
+    return frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+
+
 def decode_image(source, size: int, box=None) -> np.ndarray:
     """Decode a path or the bytes of an image to uint8 [size, size] grayscale.
 
     `box` = (x, y, w, h) in pixels of the (orientation-corrected) image crops before resizing; it is
     clipped to the image, and a box with nothing inside is an error. Raises ImageError(reason) for a
-    missing, empty, truncated, corrupt or unrecognised file.
+    missing, empty, truncated, corrupt or unrecognised file. A source "<video>#frame=<n>" (the
+    video reader's rows) is frame n of that video, decoded with OpenCV.
     """
+    if isinstance(source, (str, os.PathLike)) and (m := _VIDEO_FRAME.match(str(source))) \
+            and not os.path.exists(source):
+        gray = _video_frame(m.group(1), int(m.group(2)))
+        return resize(_crop(gray, box) if box is not None else gray, size)
     data = _read_source(source)
     try:
         with warnings.catch_warnings():

@@ -376,6 +376,10 @@ READERS = {
     "listfile": read_listfile,
     "guided_st": read_guided_st,
 }
+# the sequence formats (ck_sequences, video) live in data/sequences.py, which imports this module
+from ferpipe.data.sequences import SEQUENCE_READERS  # noqa: E402
+
+READERS.update(SEQUENCE_READERS)
 
 
 def reader_options(fmt: str) -> list[str]:

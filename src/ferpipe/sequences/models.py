@@ -1,0 +1,370 @@
+"""Sequence models over per-frame features: LSTM, the Deep RNN context-bridge stack, a per-frame baseline.
+
+Every model takes a left-zero-padded batch ``x`` [B, T, C, H, W] (a feature vector as C x 1 x 1)
+with ``mask`` bool [B, T] (True = a real frame; each row's real frames are the last ones, contiguous)
+and returns per-step outputs [B, T, K] from ``steps(x, mask)``; ``forward(x, mask)`` is the
+many-to-one output [B, K] at the last step (the sequence's last real frame). All of them are causal
+(the output at a frame depends only on that frame and the ones before), so the output at the k-th
+real frame is the prediction "from the first k frames" that anticipation evaluates.
+
+* ``LSTMNet`` (LSTM-on-CNN, DESIGN.md 4.2): optional frame encoder -> flatten -> LSTM (depth,
+  hidden 256, dropout between layers) -> dropout -> Linear. Padding is masked exactly: frames are
+  packed (``pack_padded_sequence``), so padded steps never touch the state.
+* ``CBMNet`` (Deep RNN, Pang et al. CVPR 2019, DESIGN.md 4.4): a stack of ``depth`` context-bridge
+  cells; per step ``data = tanh(BN(conv(x)))``, ``ctrl = sigmoid(BN(conv([x, c_prev])))``,
+  ``h = data * ctrl``, ``c = ctrl``. The convs are 1x1 on feature vectors and 3x3 on feature maps
+  (``kernel=0``: chosen from the input). Every ``shortcut`` layers the block's input is added to its
+  output (a 1x1 projection where the channel count changes). Temporal dropout: in training, with
+  probability ``temporal_dropout`` per sample and step, the control branch sees ``x.detach()`` (same
+  value, no gradient through x there); never in eval. Batch norm statistics use real frames only.
+  Head: spatial mean -> dropout -> Linear at every step.
+* ``FrameNet``: a per-frame classifier (encoder -> MLP) applied at every step; with one frame per
+  sequence it is the single-frame (apex) CNN the sequence models are compared with.
+
+Frame encoders for raw frames (features in images mode): ``simple`` = the Deep-Emotion Simple-CNN
+trunk (1x48x48 -> 10x9x9, exactly as in ferpipe.models.SimpleCNN), ``simple_fc`` = the same up to its
+fc1 (-> 50 x 1 x 1: LSTM-on-CNN trained end to end), ``conv`` = three VGG-style blocks (width w, 2w,
+4w; 48 -> 6 px). ``init_encoder`` starts a simple / simple_fc encoder from a Simple-CNN checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ferpipe.store import atomic_path
+
+KINDS = ("lstm", "cbm", "frame")
+ENCODERS = ("none", "simple", "simple_fc", "conv")
+
+
+# ---------------------------------------------------------------------------------------------
+# padding helpers
+
+def check_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Lengths [B] of a left-padded mask; ValueError if a row is empty or not left-padded."""
+    lengths = mask.sum(1)
+    if (lengths == 0).any():
+        raise ValueError("every sequence needs at least one real frame (a mask row is all False)")
+    T = mask.shape[1]
+    expect = torch.arange(T, device=mask.device)[None, :] >= (T - lengths)[:, None]
+    if not torch.equal(expect, mask.bool()):
+        raise ValueError("mask must be left-padded: the real frames of a row are its last ones, contiguous")
+    return lengths
+
+
+def left_to_right(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Left-padded [B, T, ...] -> right-padded (real frames first)."""
+    T = x.shape[1]
+    idx = (torch.arange(T, device=x.device)[None, :] + (T - lengths)[:, None]) % T
+    return torch.gather(x, 1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+def right_to_left(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    T = x.shape[1]
+    idx = (torch.arange(T, device=x.device)[None, :] - (T - lengths)[:, None]) % T
+    return torch.gather(x, 1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# frame encoders
+
+class SimpleTrunk(nn.Module):
+    """Deep-Emotion Simple-CNN up to its dropout: 1 x 48 x 48 -> 10 x 9 x 9; with ``fc`` > 0 also
+    dropout -> flatten -> fc1 -> ReLU (-> fc x 1 x 1: the Simple-CNN's fc1 features, the layer the
+    LSTM-on-CNN sits on). Parameter names are SimpleCNN's, so its checkpoints load (``init_encoder``)."""
+
+    def __init__(self, in_ch: int = 1, fc: int = 0, in_size: int = 48, dropout: float = 0.5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 10, 3)
+        self.conv2 = nn.Conv2d(10, 10, 3)
+        self.conv3 = nn.Conv2d(10, 10, 3)
+        self.conv4 = nn.Conv2d(10, 10, 3)
+        self.norm = nn.BatchNorm2d(10)
+        self.fc = int(fc)
+        if self.fc:
+            side = ((in_size - 4) // 2 - 4) // 2
+            self.dropout = nn.Dropout(dropout)
+            self.fc1 = nn.Linear(10 * side * side, self.fc)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
+        x = F.relu(self.conv3(x))
+        x = F.relu(F.max_pool2d(self.norm(self.conv4(x)), 2))
+        if self.fc:
+            x = F.relu(self.fc1(self.dropout(x).flatten(1)))[:, :, None, None]
+        return x
+
+
+class ConvTrunk(nn.Module):
+    """Three blocks of (conv3x3-BN-ReLU) x 2 + max-pool 2, widths w, 2w, 4w."""
+
+    def __init__(self, in_ch: int = 1, width: int = 16):
+        super().__init__()
+        layers, c = [], in_ch
+        for w in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2)]
+            c = w
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make_encoder(kind: str, in_shape: tuple[int, int, int], width: int = 16) -> tuple[nn.Module | None, tuple]:
+    """(encoder or None, its output shape [C, H, W])."""
+    if kind in (None, "", "none"):
+        return None, tuple(in_shape)
+    if kind not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {kind!r}")
+    if kind == "simple":
+        enc = SimpleTrunk(in_shape[0])
+    elif kind == "simple_fc":
+        enc = SimpleTrunk(in_shape[0], fc=50, in_size=in_shape[1])
+    else:
+        enc = ConvTrunk(in_shape[0], width)
+    with torch.no_grad():
+        was = enc.training
+        enc.eval()
+        shape = tuple(enc(torch.zeros(1, *in_shape)).shape[1:])
+        enc.train(was)
+    return enc, shape
+
+
+class _Base(nn.Module):
+    def __init__(self, in_shape, num_outputs, encoder="none", encoder_width=16):
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ValueError(f"in_shape must be (C, H, W), got {in_shape}")
+        self.in_shape = tuple(int(v) for v in in_shape)
+        self.num_outputs = int(num_outputs)
+        self.encoder, self.feat_shape = make_encoder(encoder, self.in_shape, encoder_width)
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the frame encoder on the real frames only: [B, T, C, H, W] -> [B, T, C', H', W']."""
+        if x.dim() != 5 or tuple(x.shape[2:]) != self.in_shape:
+            raise ValueError(f"x must be [B, T, {', '.join(map(str, self.in_shape))}], got {tuple(x.shape)}")
+        if self.encoder is None:
+            return x * mask[:, :, None, None, None].to(x.dtype)
+        B, T = mask.shape
+        out = x.new_zeros(B, T, *self.feat_shape)
+        out[mask] = self.encoder(x[mask])
+        return out
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Many-to-one: the output at the last step [B, K]."""
+        return self.steps(x, mask)[:, -1]
+
+    def _mask(self, x, mask):
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return mask.bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# LSTM
+
+class LSTMNet(_Base):
+    """LSTM-on-CNN: many-to-one LSTM over (encoded, flattened) frame features."""
+
+    def __init__(self, in_shape, num_outputs, hidden: int = 256, depth: int = 1, dropout: float = 0.0,
+                 encoder: str = "none", encoder_width: int = 16):
+        super().__init__(in_shape, num_outputs, encoder, encoder_width)
+        self.in_dim = math.prod(self.feat_shape)
+        self.lstm = nn.LSTM(self.in_dim, hidden, num_layers=depth, batch_first=True,
+                            dropout=dropout if depth > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, self.num_outputs)
+
+    def steps(self, x, mask=None):
+        mask = self._mask(x, mask)
+        lengths = check_mask(mask)
+        feats = self.encode(x, mask).flatten(2)
+        right = left_to_right(feats, lengths)
+        packed = pack_padded_sequence(right, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        y = self.head(self.drop(out))
+        return right_to_left(y, lengths) * mask[..., None].to(y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep RNN: context-bridge cells
+
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from the rows where mask is True only."""
+
+    def forward(self, x, mask=None):
+        if mask is None or not self.training:
+            return super().forward(x)
+        out = torch.zeros_like(x)
+        sel = x[mask]
+        if sel.shape[0] * sel.shape[2] * sel.shape[3] > 1:
+            out[mask] = super().forward(sel)
+        elif sel.shape[0]:  # one value per channel: normalize with the running statistics
+            out[mask] = F.batch_norm(sel, self.running_mean, self.running_var, self.weight, self.bias,
+                                     False, 0.0, self.eps)
+        return out
+
+
+class CBMCell(nn.Module):
+    """One context-bridge layer run over a whole (padded) sequence."""
+
+    def __init__(self, in_ch: int, hidden: int, kernel: int = 1, temporal_dropout: float = 0.0):
+        super().__init__()
+        if not 0.0 <= temporal_dropout <= 1.0:
+            raise ValueError(f"temporal_dropout must be in [0, 1], got {temporal_dropout}")
+        pad = kernel // 2
+        self.hidden, self.temporal_dropout = hidden, float(temporal_dropout)
+        self.conv_data = nn.Conv2d(in_ch, hidden, kernel, padding=pad, bias=False)
+        self.bn_data = MaskedBatchNorm2d(hidden)
+        self.conv_ctrl = nn.Conv2d(in_ch + hidden, hidden, kernel, padding=pad, bias=False)
+        self.bn_ctrl = MaskedBatchNorm2d(hidden)
+        self.detached = 0  # how many (sample, step) control inputs were detached in the last forward
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, detach: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C, H, W], mask [B, T] -> h [B, T, hidden, H, W] (zero at padded steps).
+
+        ``detach`` bool [B, T] forces which control inputs are detached (tests); by default it is
+        drawn with probability temporal_dropout in training and all False in eval.
+        """
+        B, T = mask.shape
+        flat = x.reshape(B * T, *x.shape[2:])
+        data = torch.tanh(self.bn_data(self.conv_data(flat), mask.reshape(-1))).view(B, T, self.hidden, *x.shape[3:])
+        if detach is None:
+            if self.training and self.temporal_dropout > 0:
+                detach = torch.rand(B, T, device=x.device) < self.temporal_dropout
+            else:
+                detach = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        self.detached = int((detach & mask).sum())
+        c = x.new_zeros(B, self.hidden, *x.shape[3:])
+        hs = []
+        for t in range(T):
+            xt = x[:, t]
+            d = detach[:, t].view(B, 1, 1, 1)
+            xc = torch.where(d, xt.detach(), xt) if bool(detach[:, t].any()) else xt
+            ctrl = torch.sigmoid(self.bn_ctrl(self.conv_ctrl(torch.cat([xc, c], 1)), mask[:, t]))
+            m = mask[:, t].view(B, 1, 1, 1)
+            hs.append(torch.where(m, data[:, t] * ctrl, torch.zeros_like(ctrl)))
+            c = torch.where(m, ctrl, c)
+        return torch.stack(hs, 1)
+
+
+class CBMNet(_Base):
+    """Deep RNN of context-bridge cells with a shortcut every ``shortcut`` layers."""
+
+    def __init__(self, in_shape, num_outputs, hidden: int = 64, depth: int = 15, shortcut: int = 5,
+                 kernel: int = 0, temporal_dropout: float = 0.3, dropout: float = 0.5,
+                 encoder: str = "none", encoder_width: int = 16):
+        super().__init__(in_shape, num_outputs, encoder, encoder_width)
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        c, h, w = self.feat_shape
+        self.kernel = int(kernel) or (1 if (h, w) == (1, 1) else 3)
+        self.cells = nn.ModuleList(
+            CBMCell(c if i == 0 else hidden, hidden, self.kernel, temporal_dropout) for i in range(depth))
+        self.shortcut = int(shortcut)
+        self.shortcut_layers = [l for l in range(1, depth + 1) if self.shortcut and l % self.shortcut == 0]
+        # the first block's input has c channels: project it to hidden for its shortcut
+        self.proj = nn.Conv2d(c, hidden, 1, bias=False) if self.shortcut_layers and c != hidden else None
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, self.num_outputs)
+
+    def steps(self, x, mask=None):
+        mask = self._mask(x, mask)
+        check_mask(mask)
+        h = self.encode(x, mask)
+        block_in = h
+        B, T = mask.shape
+        for i, cell in enumerate(self.cells, start=1):
+            h = cell(h, mask)
+            if i in self.shortcut_layers:
+                skip = block_in
+                if skip.shape[2] != h.shape[2]:
+                    skip = self.proj(skip.reshape(B * T, *skip.shape[2:])).view(B, T, *h.shape[2:])
+                h = h + skip * mask[:, :, None, None, None].to(h.dtype)
+                block_in = h
+        y = self.head(self.drop(h.mean(dim=(3, 4))))
+        return y * mask[..., None].to(y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-frame baseline
+
+class FrameNet(_Base):
+    """A classifier of single frames (encoder -> flatten -> dropout -> Linear-ReLU-Linear) at every step."""
+
+    def __init__(self, in_shape, num_outputs, hidden: int = 50, dropout: float = 0.5,
+                 encoder: str = "simple", encoder_width: int = 16):
+        super().__init__(in_shape, num_outputs, encoder, encoder_width)
+        self.drop = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(math.prod(self.feat_shape), hidden)
+        self.head = nn.Linear(hidden, self.num_outputs)
+
+    def steps(self, x, mask=None):
+        mask = self._mask(x, mask)
+        check_mask(mask)
+        f = self.drop(self.encode(x, mask)).flatten(2)
+        y = self.head(F.relu(self.fc1(f)))
+        return y * mask[..., None].to(y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and checkpoints
+
+def init_encoder(model: nn.Module, checkpoint) -> list[str]:
+    """Copy a registry Simple-CNN checkpoint's trunk (conv1..conv4, norm) into the model's ``simple``
+    encoder (an STN checkpoint's ``classifier.`` trunk too); returns the keys loaded. For fine-tuning a
+    CNN of the training stage (e.g. trained on FER-2013) end to end inside a sequence model."""
+    if not isinstance(getattr(model, "encoder", None), SimpleTrunk):
+        raise ValueError("init_encoder needs a sequence model built with encoder='simple' or 'simple_fc'")
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else payload
+    target = model.encoder.state_dict()
+    new = {}
+    for key, value in state.items():
+        k = key.removeprefix("module.").removeprefix("classifier.")
+        if k in target and target[k].shape == value.shape and not key.startswith("localization."):
+            new[k] = value
+    missing = {k for k in target if not k.endswith("num_batches_tracked")} - set(new)
+    if missing:
+        raise ValueError(f"{checkpoint}: not a Simple-CNN trunk for this encoder (missing {sorted(missing)})")
+    model.encoder.load_state_dict({**target, **new})
+    return sorted(new)
+
+
+_CLASSES = {"lstm": LSTMNet, "cbm": CBMNet, "frame": FrameNet}
+
+
+def build_sequence_model(kind: str, in_shape, num_outputs: int, **kw) -> nn.Module:
+    """Build "lstm" | "cbm" | "frame" for inputs [C, H, W] per frame and num_outputs outputs."""
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown sequence model {kind!r}; known: {', '.join(KINDS)}")
+    return _CLASSES[kind](tuple(in_shape), int(num_outputs), **kw)
+
+
+def save_sequence_model(path, model: nn.Module, kind: str, kwargs: dict, meta: dict | None = None) -> None:
+    """One .pt that rebuilds the model: kind, in_shape, num_outputs, kwargs, state_dict, meta."""
+    payload = {"kind": kind, "in_shape": list(model.in_shape), "num_outputs": model.num_outputs,
+               "kwargs": dict(kwargs), "meta": dict(meta or {}),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_sequence_model(path) -> tuple[nn.Module, dict]:
+    """(model in eval mode, payload without the state_dict)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"sequence model {path} not found")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_sequence_model(payload["kind"], payload["in_shape"], payload["num_outputs"], **payload["kwargs"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, {k: v for k, v in payload.items() if k != "state_dict"}

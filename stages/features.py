@@ -1,0 +1,78 @@
+"""Stage features: frames -> HDF5 in the LSTM-on-CNN layout (outputs [N,C,H,W], label, seq_number, ...).
+
+Mode cnn runs a trained CNN checkpoint (the training stage's .pt) over every frame in large batches
+and dumps one layer (--layer: a module name such as fc1, classifier.fc1, dropout, layer4; "flatten" =
+the input of the first Linear layer; "logits"); a vector layer is stored as [N, D, 1, 1]. Instead of a
+checkpoint, --backbone resnet18 --weights FILE builds a torchvision backbone from a local weights file.
+Mode images writes the frames themselves, resized to --size, scaled to [0, 1] and mean-subtracted.
+Guided models (STN on a guide map) also need --guide (the guide stage's HDF5 for these frames).
+
+Standardization (--standardize, default on): outputs = (raw - mean) / std, per element, with mean and
+std stored in the file; a test file reuses a training file's statistics and class list with
+--stats-from TRAIN_FEATURES.h5. Regression labels (valence/arousal) get label_mean/label_std.
+
+Defaults come from params.yaml `sequence.features` when that section exists; every value can be given
+on the command line instead.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from ferpipe.sequences.features import MODES, run_features
+
+DEFAULTS = {"mode": "cnn", "checkpoint": "", "backbone": "", "weights": "", "layer": "fc1",
+            "batch_size": 1024, "standardize": True, "stats_from": "", "size": 48, "guide": ""}
+
+
+def section(params_path: str, *keys: str) -> dict:
+    """params.yaml[keys...] if the file and the section exist, else {} (the section may not be wired yet)."""
+    path = Path(params_path)
+    if not path.is_file():
+        return {}
+    import yaml
+    node = yaml.safe_load(path.read_text()) or {}
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return {}
+    return node if isinstance(node, dict) else {}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default="data/sequences/gray48/images.h5", help="packed frames (gray48 output)")
+    p.add_argument("--manifest", default="data/sequences/ingest/manifest.csv",
+                   help="manifest of those frames (ingest output: sequence_id, frame_index, subject)")
+    p.add_argument("--out", default="data/sequences/features.h5", help="features HDF5")
+    p.add_argument("--metrics", default="metrics/features.json", help="counts and images/s (JSON, '' for none)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--mode", choices=MODES, help=f"cnn | images (default {DEFAULTS['mode']})")
+    p.add_argument("--checkpoint", help="CNN checkpoint of the training stage (.pt)")
+    p.add_argument("--backbone", help="registry backbone instead of a checkpoint (e.g. resnet18)")
+    p.add_argument("--weights", help="weights file for --backbone")
+    p.add_argument("--layer", help=f"layer to dump (default {DEFAULTS['layer']})")
+    p.add_argument("--batch-size", type=int, help=f"frames per forward pass (default {DEFAULTS['batch_size']}; "
+                                                  "halved automatically on out-of-memory)")
+    p.add_argument("--guide", help="guide maps HDF5 for guided models")
+    p.add_argument("--standardize", dest="standardize", action="store_true", default=None)
+    p.add_argument("--no-standardize", dest="standardize", action="store_false")
+    p.add_argument("--stats-from", help="reuse mean/std (and classes) of this features file (test files)")
+    p.add_argument("--size", type=int, help="images mode: frame size (default 48)")
+    a = p.parse_args(argv)
+    prm = {**DEFAULTS, **section(a.params, "sequence", "features")}
+    val = {k: getattr(a, k) if getattr(a, k) is not None else prm.get(k) for k in DEFAULTS}
+    if val["mode"] == "cnn" and not (val["checkpoint"] or val["backbone"]):
+        p.error("mode cnn needs --checkpoint (or --backbone with --weights)")
+    try:
+        result = run_features(a.images, a.manifest, a.out, mode=val["mode"], checkpoint=val["checkpoint"] or None,
+                              backbone=val["backbone"] or None, weights=val["weights"] or None, layer=val["layer"],
+                              batch_size=int(val["batch_size"]), guide_h5=val["guide"] or None,
+                              standardize=bool(val["standardize"]), stats_from=val["stats_from"] or None,
+                              size=int(val["size"]), metrics_path=a.metrics or None)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"features: {e}")
+    print(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,691 @@
+"""Sequences: CK+ / video readers, the features stage, LSTM / context-bridge models, windows and masking,
+anticipation, determinism, and a short end-to-end run of the stage scripts on the real CK+ frames.
+
+The real-data tests read ../shared/data/sequences (the `sequences_dir` fixture skips if absent).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from ferpipe.data.decode import ImageError, decode_image
+from ferpipe.data.ingest import run_ingest
+from ferpipe.data.readers import READERS, DatasetError, read_dataset
+from ferpipe.models import build_model, count_params
+from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, prefix_length
+from ferpipe.sequences.features import FeatureError, run_features, sequence_order
+from ferpipe.sequences.models import (CBMCell, CBMNet, LSTMNet, build_sequence_model, init_encoder,
+                                      load_sequence_model)
+from ferpipe.sequences.train import (SequenceConfig, SequenceData, cross_validate, load_sequences,
+                                     make_samples, sequence_folds)
+from ferpipe.store import read_h5, write_h5
+from ferpipe.train.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CK_CLASSES = {"angry", "contempt", "disgust", "fear", "happy", "sad", "surprise"}
+
+
+def load_stage(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def png(path: Path, value: int, size: int = 48) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray(np.clip(value + rng.integers(0, 20, (size, size)), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def ck_layout(root: Path, seqs: dict, labels: list[tuple[str, str]]) -> Path:
+    """seqs: {sequence: [frame numbers]}, labels: [(sequence, label)] rows of labels.csv."""
+    for seq, numbers in seqs.items():
+        (root / "frames" / seq).mkdir(parents=True, exist_ok=True)
+        for n in numbers:
+            png(root / "frames" / seq / f"{seq}_{n:08d}.png", 10 * n)
+    pd.DataFrame(labels, columns=["sequence_id", "label"]).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+def reasons(rejects: pd.DataFrame) -> dict:
+    return {Path(s).name: r for s, r in zip(rejects["source"], rejects["reason"])}
+
+
+# ------------------------------------------------------------------------------------------------
+# readers
+
+def test_ck_reader_real(sequences_dir):
+    m, rej = read_dataset("ck_sequences", sequences_dir)
+    assert {"ck_sequences", "video"} <= set(READERS)
+    labels = pd.read_csv(sequences_dir / "labels.csv")
+    assert len(rej) == 0
+    assert m["sequence_id"].nunique() == 262 == len(labels)
+    assert m["subject"].nunique() == 97
+    assert len(m) == labels["frame_count"].sum() == 1043
+    assert set(m["label_name"]) == CK_CLASSES  # anger -> angry, sadness -> sad, contempt kept
+    assert (m["subject"] == m["sequence_id"].str.split("_").str[0]).all()
+    assert m["subject"].str.match(r"^S\d{3}$").all()
+    per_seq = m.groupby("sequence_id")
+    assert (per_seq.size() == labels.set_index("sequence_id")["frame_count"]).all()
+    for _, g in per_seq:  # frame order: frame_index 0..n-1 follows the CK+ frame number
+        assert list(g["frame_index"]) == list(range(len(g)))
+        assert list(g["frame_number"]) == sorted(g["frame_number"])
+    first = m[m["sequence_id"] == "S005_001"]
+    assert list(first["frame_number"]) == [1, 9, 10, 11] and set(first["label_name"]) == {"disgust"}
+    assert (m["split"] == "train").all()
+    assert m["id"].is_unique
+
+
+def test_ck_reader_bad_input(tmp_path):
+    root = ck_layout(tmp_path / "ck", {
+        "S001_001": [1, 5, 6, 7],        # good
+        "S001_002": [3, 1, 2],           # good, files listed out of order
+        "S002_001": [],                  # empty folder
+        "S002_002": [1, 2],              # shorter than min_length 3
+        "S003_001": [1, 2, 3],           # no labels row
+        "S004_001": [1, 2, 3],           # labels disagree (two rows)
+    }, [("S001_001", "anger"), ("S001_002", "sadness"), ("S002_001", "happy"), ("S002_002", "fear"),
+        ("S004_001", "happy"), ("S004_001", "surprise"), ("S009_001", "happy")])  # S009_001: no folder
+    (root / "frames" / "S001_001" / "notes.txt").write_text("x")
+    m, rej = read_dataset("ck_sequences", root, min_length=3)
+    assert sorted(m["sequence_id"].unique()) == ["S001_001", "S001_002"]
+    assert list(m[m.sequence_id == "S001_002"]["frame_number"]) == [1, 2, 3]
+    assert set(m["label_name"]) == {"angry", "sad"} and set(m["subject"]) == {"S001"}
+    r = reasons(rej)
+    assert r["S002_001"] == "empty sequence (no frames)"
+    assert "too short" in r["S002_002"] and "min_length 3" in r["S002_002"]
+    assert "no labels.csv row" in r["S003_001"]
+    assert "disagree" in r["S004_001"] and "happy" in r["S004_001"] and "surprise" in r["S004_001"]
+    assert "no frame folder" in r["S009_001"]
+    assert r["notes.txt"] == "not an image extension"
+    # rejects name the labels.csv line of a sequence where there is one
+    assert int(rej[rej.source.str.endswith("S009_001")]["line"].iloc[0]) == 8
+    # per-frame labels that disagree reject the sequence
+    root2 = ck_layout(tmp_path / "ck2", {"S001_001": [1, 2], "S001_002": [1, 2]}, [])
+    pd.DataFrame([("S001_001", "S001_001_00000001.png", "happy"), ("S001_001", "S001_001_00000002.png", "sad"),
+                  ("S001_002", "S001_002_00000001.png", "fear"), ("S001_002", "S001_002_00000002.png", "fear")],
+                 columns=["sequence_id", "file", "label"]).to_csv(root2 / "labels.csv", index=False)
+    m2, rej2 = read_dataset("ck_sequences", root2)
+    assert list(m2["sequence_id"].unique()) == ["S001_002"]
+    assert "disagree" in reasons(rej2)["S001_001"]
+    # nothing usable: a clear error naming the reasons
+    root3 = ck_layout(tmp_path / "ck3", {"S001_001": []}, [("S001_001", "happy")])
+    with pytest.raises(DatasetError, match="empty sequence"):
+        read_dataset("ck_sequences", root3)
+
+
+def test_ck_unreadable_frame_is_an_ingest_reject(tmp_path):
+    root = ck_layout(tmp_path / "ck", {"S001_001": [1, 2, 3], "S002_001": [1, 2]},
+                     [("S001_001", "happy"), ("S002_001", "sad")])
+    bad = root / "frames" / "S001_001" / "S001_001_00000002.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated PNG
+    o = tmp_path / "out"
+    res = run_ingest("ck_sequences", root, "", o / "images.h5", o / "manifest.csv", o / "rejects.csv", None, None,
+                     workers=1, progress=False)
+    assert res["images"] == 4 and res["rejected"] == 1
+    rej = pd.read_csv(o / "rejects.csv")
+    assert rej["source"].iloc[0].endswith("S001_001_00000002.png")
+    man = pd.read_csv(o / "manifest.csv", dtype={"sequence_id": str})
+    assert list(man["frame_number"]) == [1, 3, 1, 2] and list(man["frame_index"]) == [0, 2, 0, 1]
+
+
+def write_video(path: Path, values: list[int], fourcc: str = "MJPG", size: int = 64) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, (size, size), False)
+    assert w.isOpened()
+    for v in values:
+        w.write(np.full((size, size), v, np.uint8))
+    w.release()
+    return path
+
+
+def test_video_reader_and_ingest(tmp_path):
+    vids = tmp_path / "videos"
+    write_video(vids / "a.avi", [10 * i for i in range(10)])
+    write_video(vids / "sub" / "b.mp4", [200 - 10 * i for i in range(6)], "mp4v")
+    (vids / "broken.mp4").write_bytes(b"this is not a video" * 20)   # written by the test: does not decode
+    write_video(vids / "unlabelled.avi", [1, 2, 3])
+    pd.DataFrame([("a.avi", "Happiness", "P1"), ("sub/b.mp4", "anger", "P2"), ("broken.mp4", "sad", "P3"),
+                  ("missing.avi", "fear", "P4")], columns=["file", "label", "subject"]).to_csv(vids / "labels.csv", index=False)
+    m, rej = read_dataset("video", vids, every=2, max_frames=4)
+    a = m[m.sequence_id == "a"]
+    assert list(a["frame_number"]) == [0, 2, 4, 6] and list(a["frame_index"]) == [0, 1, 2, 3]
+    assert list(m[m.sequence_id == "sub/b"]["frame_number"]) == [0, 2, 4]
+    assert set(m["label_name"]) == {"happy", "angry"} and list(a["subject"].unique()) == ["P1"]
+    assert a["source"].iloc[1].endswith("a.avi#frame=2")
+    r = reasons(rej)
+    assert "does not decode" in r["broken.mp4"]
+    assert r["missing.avi"] == "file not found"
+    assert "no labels.csv row" in r["unlabelled.avi"]
+    # the frames go through the ordinary ingest (decode_image understands '#frame=')
+    o = tmp_path / "out"
+    res = run_ingest("video", vids, "", o / "images.h5", o / "manifest.csv", o / "rejects.csv", None, None,
+                     size=48, workers=1, options={"every": 2, "max_frames": 4}, progress=False)
+    assert res["images"] == 7
+    imgs = read_h5(o / "images.h5")["images"]
+    assert np.allclose(imgs[:4].mean(axis=(1, 2)), [0, 20, 40, 60], atol=3)
+    assert np.allclose(imgs[4:].mean(axis=(1, 2)), [200, 180, 160], atol=3)
+    assert np.allclose(decode_image(f"{vids / 'a.avi'}#frame=9", 48).mean(), 90, atol=3)
+    with pytest.raises(ImageError, match="no frame 50"):
+        decode_image(f"{vids / 'a.avi'}#frame=50", 48)
+    with pytest.raises(ImageError, match="does not open"):
+        decode_image(f"{vids / 'broken.mp4'}#frame=0", 48)
+    with pytest.raises(DatasetError, match="every"):
+        read_dataset("video", vids, every=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# features
+
+@pytest.fixture(scope="module")
+def ck_frames(sequences_dir, tmp_path_factory):
+    """The real CK+ frames ingested by the real stage scripts (ingest --format ck_sequences, gray48)."""
+    out = tmp_path_factory.mktemp("ck")
+    load_stage("ingest").main(["--params", str(REPO / "params.yaml"), "--format", "ck_sequences", "--path",
+                               str(sequences_dir), "--workers", "1", "--out", str(out / "ingest/images.h5"),
+                               "--manifest", str(out / "ingest/manifest.csv"), "--rejects",
+                               str(out / "ingest/rejects.csv"), "--metrics", str(out / "ingest.json"),
+                               "--sheet", "", "--quiet"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cnn") / "cnn.pt"
+    torch.manual_seed(0)
+    model = build_model("baseline", 7)
+    save_checkpoint(path, model, "baseline", ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"])
+    return path
+
+
+def test_features_layout_and_stats_reuse(ck_frames, tiny_cnn, tmp_path):
+    images, manifest = ck_frames / "ingest/images.h5", ck_frames / "ingest/manifest.csv"
+    res = run_features(images, manifest, tmp_path / "f.h5", checkpoint=tiny_cnn, layer="fc1", batch_size=300)
+    assert res["frames"] == 1043 and res["sequences"] == 262 and res["shape"] == [50, 1, 1]
+    with h5py.File(tmp_path / "f.h5") as f:
+        out, seq, lab = f["outputs"][()], f["seq_number"][()], f["label"][()]
+        assert out.dtype == np.float32 and out.shape == (1043, 50, 1, 1)
+        assert seq.dtype == np.int32 and seq.shape == (1043,) and lab.shape == (1043, 1)
+        assert f["mean"].shape == (50, 1, 1) and len(f["paths"]) == 1043
+        assert json.loads(f.attrs["classes"]) == ["angry", "disgust", "fear", "happy", "sad", "surprise", "contempt"]
+        sids = f["sequence_id"].asstr()[()]
+        fidx = f["frame_index"][()]
+    # frames of a sequence contiguous, numbered 0.. in order, frames in order
+    assert seq[0] == 0 and set(np.diff(seq)) <= {0, 1} and seq[-1] == 261
+    for s in range(262):
+        rows = np.flatnonzero(seq == s)
+        assert len(set(sids[rows])) == 1 and list(fidx[rows]) == list(range(len(rows)))
+    # standardized: each dimension has mean 0, std 1 over the frames
+    assert np.allclose(out.mean(0), 0, atol=1e-4) and np.allclose(out.std(0), 1, atol=1e-3)
+    # the raw features equal the model's fc1 on x/255
+    model = build_model("baseline", 7)
+    model.load_state_dict(torch.load(tiny_cnn, weights_only=True)["state_dict"])
+    model.eval()
+    img = read_h5(images)["images"][:4]
+    acts = {}
+    model.fc1.register_forward_hook(lambda m, i, o: acts.update(fc1=o))
+    model(torch.from_numpy(img).float()[:, None] / 255)
+    m_, s_ = read_h5(tmp_path / "f.h5", ["mean", "std"]).values()
+    assert np.allclose(out[:4, :, 0, 0] * s_[:, 0, 0] + m_[:, 0, 0], acts["fc1"].detach().numpy(), atol=1e-4)
+    # a test file reuses the training statistics: same frames -> identical outputs
+    sub = tmp_path / "sub"
+    man = pd.read_csv(manifest, keep_default_na=False, dtype=str)
+    keep = man["subject"].isin(["S005", "S010"]).to_numpy()
+    write_h5(sub / "images.h5", {"images": read_h5(images)["images"][keep], "ids": man["id"].to_numpy()[keep]})
+    man[keep].to_csv(sub / "manifest.csv", index=False)
+    run_features(sub / "images.h5", sub / "manifest.csv", tmp_path / "t.h5", checkpoint=tiny_cnn, layer="fc1",
+                 stats_from=tmp_path / "f.h5")
+    t = read_h5(tmp_path / "t.h5")
+    assert np.array_equal(t["mean"], m_) and np.array_equal(t["std"], s_)
+    rows = np.isin(sids, t["sequence_id"])
+    assert np.allclose(t["outputs"], out[rows], atol=1e-5)
+    assert np.array_equal(t["label"], lab[rows])
+    # other layers: feature maps, flatten, logits; a bad name lists the layers
+    for layer, shape in (("dropout", (10, 9, 9)), ("flatten", (810, 1, 1)), ("logits", (7, 1, 1))):
+        r = run_features(sub / "images.h5", sub / "manifest.csv", tmp_path / f"{layer}.h5", checkpoint=tiny_cnn,
+                         layer=layer, standardize=False)
+        assert tuple(r["shape"]) == shape
+    assert "mean" not in read_h5(tmp_path / "logits.h5")
+    with pytest.raises(FeatureError, match="no layer 'fc9'.*conv1"):
+        run_features(sub / "images.h5", sub / "manifest.csv", tmp_path / "x.h5", checkpoint=tiny_cnn, layer="fc9")
+    # images mode: resized, mean-subtracted frames
+    run_features(sub / "images.h5", sub / "manifest.csv", tmp_path / "img.h5", mode="images", size=32)
+    im = read_h5(tmp_path / "img.h5")
+    assert im["outputs"].shape == (keep.sum(), 1, 32, 32) and np.allclose(im["outputs"].mean(0), 0, atol=1e-5)
+
+
+def test_features_use_the_training_input_spec_and_guides(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (6, 48, 48), dtype=np.uint8)
+    guides = rng.integers(0, 255, (6, 48, 48), dtype=np.uint8)
+    ids = np.array([f"s{i // 3}/{i % 3}" for i in range(6)])
+    write_h5(tmp_path / "images.h5", {"images": imgs, "ids": ids})
+    write_h5(tmp_path / "guide.h5", {"images": guides, "ids": ids})
+    pd.DataFrame({"id": ids, "source": ids, "split": "train", "label_name": "happy", "sequence_id": [i[:2] for i in ids],
+                  "frame_index": [int(i[-1]) for i in ids], "subject": ""}).to_csv(tmp_path / "m.csv", index=False)
+    torch.manual_seed(0)
+    cnn = build_model("baseline", 3).eval()
+    spec = {"image": "gray48", "guide": None, "size": 48, "mean": [0.5], "std": [0.25]}
+    save_checkpoint(tmp_path / "cnn.pt", cnn, "baseline", ["a", "b", "c"], meta={"input": spec})
+    run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "f.h5", checkpoint=tmp_path / "cnn.pt",
+                 layer="logits", standardize=False)
+    with torch.no_grad():
+        expect = cnn((torch.from_numpy(imgs).float()[:, None] / 255 - 0.5) / 0.25).numpy()
+    assert np.allclose(read_h5(tmp_path / "f.h5")["outputs"][:, :, 0, 0], expect, atol=1e-5)
+    # a guided STN needs its guide map (same ids), and uses it
+    stn = build_model("soft", 3).eval()
+    gspec = {**spec, "guide": "soft", "mean": [0.5, 0.5], "std": [0.25, 0.25]}
+    save_checkpoint(tmp_path / "stn.pt", stn, "soft", ["a", "b", "c"], meta={"input": gspec})
+    with pytest.raises(FeatureError, match="guide"):
+        run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "g.h5", checkpoint=tmp_path / "stn.pt")
+    run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "g.h5", checkpoint=tmp_path / "stn.pt",
+                 guide_h5=tmp_path / "guide.h5", layer="classifier.fc1", standardize=False)
+    assert read_h5(tmp_path / "g.h5")["outputs"].shape == (6, 50, 1, 1)
+    # a torchvision backbone from a weights file (no checkpoint of ours)
+    torch.save(build_model("resnet18", 5).state_dict(), tmp_path / "r18.pth")
+    r = run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "r.h5", backbone="resnet18",
+                     weights=tmp_path / "r18.pth", layer="avgpool")
+    assert r["shape"] == [512, 1, 1]
+    # "flatten" of an STN is its classifier's flattened maps (810), not the localization net's (640)
+    run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "g.h5", checkpoint=tmp_path / "stn.pt",
+                 guide_h5=tmp_path / "guide.h5", layer="flatten", standardize=False)
+    assert read_h5(tmp_path / "g.h5")["outputs"].shape == (6, 810, 1, 1)
+
+
+def test_features_order_and_regression_labels(tmp_path, tiny_cnn):
+    # manifest rows shuffled relative to the images, frames out of order, valence/arousal present
+    ids = [f"v{s}/{f}" for s in range(3) for f in range(4)]
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 255, (12, 48, 48), dtype=np.uint8)
+    write_h5(tmp_path / "images.h5", {"images": imgs, "ids": np.array(ids)})
+    man = pd.DataFrame({"id": ids, "source": ids, "split": "train", "label_name": "", "valence": np.linspace(-1, 1, 12),
+                        "arousal": np.linspace(0, 1, 12), "sequence_id": [i.split("/")[0] for i in ids],
+                        "frame_index": [3 - int(i[-1]) for i in ids], "subject": "", "fold": -1})
+    man.sample(frac=1, random_state=1).to_csv(tmp_path / "manifest.csv", index=False)
+    run_features(tmp_path / "images.h5", tmp_path / "manifest.csv", tmp_path / "f.h5", checkpoint=tiny_cnn)
+    f = read_h5(tmp_path / "f.h5")
+    assert list(f["ids"][:4]) == ["v0/3", "v0/2", "v0/1", "v0/0"]  # frame_index order
+    assert f["valence"].shape == (12, 1) and np.allclose(f["valence"][0, 0], man.set_index("id").loc["v0/3", "valence"])
+    assert np.allclose(f["label_mean"], [0, 0.5], atol=1e-6) and f["label_std"].shape == (2,)
+    order, seq = sequence_order(pd.DataFrame({"sequence_id": ["b", "a", "b", "", "a"], "frame_index": [1, 0, 0, 0, 1]}))
+    assert list(order) == [2, 0, 1, 4, 3] and list(seq) == [0, 0, 1, 1, 2]
+
+
+def test_listfile_sequences_through_ingest_and_features(tmp_path):
+    """LSTM-on-CNN list file (path label seq_number, unsorted) -> ingest -> features: order and labels kept."""
+    lines = []
+    for seq in (7, 3):
+        for f in range(3):
+            png(tmp_path / "img" / f"s{seq}_{f}.png", 20 * seq + f)
+            lines.append(f"img/s{seq}_{f}.png {seq % 2 + 0.5 * f} {seq}")
+    (tmp_path / "list.txt").write_text("\n".join(reversed(lines)) + "\n")
+    o = tmp_path / "out"
+    run_ingest("listfile", tmp_path / "list.txt", "", o / "images.h5", o / "manifest.csv", o / "rejects.csv", None, None,
+               workers=1, options={"sort": True}, progress=False)
+    run_features(o / "images.h5", o / "manifest.csv", tmp_path / "f.h5", mode="images")
+    f = read_h5(tmp_path / "f.h5")
+    assert list(f["seq_number"]) == [0, 0, 0, 1, 1, 1]
+    assert list(f["paths"]) == [str(tmp_path / "img" / f"s{s}_{i}.png") for s in (3, 7) for i in range(3)]
+    assert np.allclose(f["label_value"][:, 0], [1, 1.5, 2, 1, 1.5, 2])
+    d = load_sequences(tmp_path / "f.h5", "regress")
+    assert d.regression == ["label_value"] and list(d.lengths) == [3, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+
+def padded(B=3, T=4, shape=(50, 1, 1), lengths=(4, 2, 1), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, *shape, generator=g)
+    mask = torch.arange(T)[None, :] >= (T - torch.tensor(lengths))[:, None]
+    return x * mask[:, :, None, None, None], mask
+
+
+@pytest.mark.parametrize("shape", [(50, 1, 1), (10, 9, 9)])
+@pytest.mark.parametrize("kind", ["lstm", "cbm", "frame"])
+def test_model_shapes_and_masking(kind, shape):
+    torch.manual_seed(0)
+    kw = {"depth": 6, "hidden": 16} if kind == "cbm" else {"encoder": "none"} if kind == "frame" else {}
+    model = build_sequence_model(kind, shape, 7, **kw).eval()
+    x, mask = padded(shape=shape)
+    steps = model.steps(x, mask)
+    assert steps.shape == (3, 4, 7) and model(x, mask).shape == (3, 7)
+    assert (steps[~mask] == 0).all()
+    # padding is invisible: the 2-frame sequence alone (no padding) gives the same outputs
+    alone = model.steps(x[1:2, 2:], mask[1:2, 2:])
+    assert torch.allclose(alone[0], steps[1, 2:], atol=1e-5)
+    # causal: the output after k frames only depends on the first k frames
+    x2 = x.clone()
+    x2[0, 3] += 5.0
+    assert torch.allclose(model.steps(x2, mask)[0, :3], steps[0, :3], atol=1e-5)
+    assert not torch.allclose(model.steps(x2, mask)[0, 3], steps[0, 3], atol=1e-3)
+    with pytest.raises(ValueError, match="left-padded"):
+        model.steps(x, mask.flip(1))
+
+
+def test_lstm_defaults_and_cbm_structure():
+    lstm = build_sequence_model("lstm", (50, 1, 1), 7)
+    assert lstm.lstm.hidden_size == 256 and lstm.lstm.num_layers == 1
+    cbm = CBMNet((50, 1, 1), 7, hidden=8, depth=15, shortcut=5)
+    assert len(cbm.cells) == 15 and cbm.shortcut_layers == [5, 10, 15] and cbm.kernel == 1
+    assert cbm.cells[0].conv_data.kernel_size == (1, 1) and cbm.cells[0].conv_ctrl.in_channels == 50 + 8
+    maps = CBMNet((10, 9, 9), 7, hidden=8, depth=3)
+    assert maps.kernel == 3 and maps.cells[0].conv_data.kernel_size == (3, 3) and maps.shortcut_layers == []
+    # the shortcut really adds the block input: removing it changes the output
+    torch.manual_seed(0)
+    x, mask = padded(shape=(50, 1, 1))
+    cbm.eval()
+    y = cbm(x, mask)
+    cbm.shortcut_layers = []
+    assert not torch.allclose(cbm(x, mask), y)
+    # the frame baseline with the simple encoder is the Deep-Emotion Simple-CNN, parameter for parameter
+    assert count_params(build_sequence_model("frame", (1, 48, 48), 7)) == count_params(build_model("baseline", 7))
+
+
+def test_cbm_cell_equations_and_temporal_dropout():
+    torch.manual_seed(0)
+    cell = CBMCell(4, 3, kernel=1, temporal_dropout=1.0).eval()
+    x, mask = padded(B=2, T=3, shape=(4, 1, 1), lengths=(3, 3))
+    h = cell(x, mask)
+    # by hand: data = tanh(BN(Wd x)), ctrl_t = sigmoid(BN(Wc [x_t, c_{t-1}])), h = data * ctrl, c = ctrl
+    bn = lambda m, v: (v - m.running_mean[None, :, None, None]) / torch.sqrt(m.running_var[None, :, None, None] + m.eps) \
+        * m.weight[None, :, None, None] + m.bias[None, :, None, None]
+    c = torch.zeros(2, 3, 1, 1)
+    for t in range(3):
+        data = torch.tanh(bn(cell.bn_data, cell.conv_data(x[:, t])))
+        ctrl = torch.sigmoid(bn(cell.bn_ctrl, cell.conv_ctrl(torch.cat([x[:, t], c], 1))))
+        assert torch.allclose(h[:, t], data * ctrl, atol=1e-6)
+        c = ctrl
+    # temporal dropout: in training, with p=1, every control input is detached (gradient only via data)
+    def grad(train: bool, detach=None):
+        cell.train(train)
+        xx = x.clone().requires_grad_(True)
+        cell(xx, mask, detach).sum().backward()
+        return xx.grad
+    g_train = grad(True)
+    assert cell.detached == 6
+    assert torch.allclose(g_train, grad(True, torch.ones(2, 3, dtype=torch.bool)))
+    assert not torch.allclose(g_train, grad(True, torch.zeros(2, 3, dtype=torch.bool)))
+    grad(False)
+    assert cell.detached == 0  # off in eval
+    # forward values do not change with detaching
+    cell.eval()
+    assert torch.equal(cell(x, mask, torch.ones(2, 3, dtype=torch.bool)), cell(x, mask))
+
+
+def test_init_encoder_from_cnn_checkpoint(tiny_cnn):
+    model = build_sequence_model("lstm", (1, 48, 48), 7, encoder="simple")
+    loaded = init_encoder(model, tiny_cnn)
+    assert "conv1.weight" in loaded and "norm.running_mean" in loaded
+    cnn = build_model("baseline", 7)
+    cnn.load_state_dict(torch.load(tiny_cnn, weights_only=True)["state_dict"])
+    assert torch.equal(model.encoder.conv4.weight, cnn.conv4.weight)
+    with pytest.raises(ValueError, match="encoder='simple'"):
+        init_encoder(build_sequence_model("lstm", (50, 1, 1), 7), tiny_cnn)
+
+
+# ------------------------------------------------------------------------------------------------
+# samples: windows, padding, anticipation
+
+def toy_data(lengths=(5, 2, 3), classes=3, shape=(4, 1, 1), subjects=None, seed=0) -> SequenceData:
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    frame_y = np.arange(n) % classes
+    S = len(lengths)
+    return SequenceData(torch.from_numpy(rng.normal(size=(n, *shape)).astype(np.float32)), frame_y.astype(np.int64),
+                        starts, np.array(lengths), np.arange(S), np.array([f"s{i}" for i in range(S)]),
+                        np.array(subjects or [""] * S), "classify", [f"c{i}" for i in range(classes)], [])
+
+
+def test_windows_and_whole_sequences():
+    d = toy_data()
+    w = make_samples(d, [0, 1, 2], rho=3)
+    # seq 0 (frames 0..4): windows 0-2, 1-3, 2-4; seq 1 (2 frames) is shorter than the window; seq 2: 7-9
+    assert w.idx.tolist() == [[0, 1, 2], [1, 2, 3], [2, 3, 4], [7, 8, 9]]
+    assert w.y.tolist() == [d.frame_y[2], d.frame_y[3], d.frame_y[4], d.frame_y[9]]  # label of the last frame
+    assert list(w.seq) == [0, 0, 0, 2] and "shorter than the window" in w.skipped["s1"]
+    whole = make_samples(d, [0, 1, 2])
+    assert whole.idx.tolist() == [[0, 1, 2, 3, 4], [-1, -1, -1, 5, 6], [-1, -1, 7, 8, 9]]  # left padding
+    assert whole.mask.sum(1).tolist() == [5, 2, 3]
+    assert whole.y.tolist() == [d.frame_y[4], d.frame_y[6], d.frame_y[9]]
+    assert make_samples(d, [0], max_len=2).idx.tolist() == [[3, 4]]
+    first2 = make_samples(d, [0, 1, 2], first=2)
+    assert first2.idx.tolist() == [[0, 1], [5, 6], [7, 8]] and first2.y.tolist() == whole.y.tolist()
+    assert [prefix_length(n, 0.5) for n in (1, 2, 3, 4)] == [1, 1, 2, 2] and prefix_length(3, 9) == 3
+
+
+def test_sequence_folds_subject_independent(sequences_dir):
+    m, _ = read_dataset("ck_sequences", sequences_dir)
+    seqs = m.drop_duplicates("sequence_id")
+    d = toy_data(lengths=[1] * len(seqs), classes=7, subjects=list(seqs["subject"]))
+    d.frame_y = seqs["label_name"].astype("category").cat.codes.to_numpy().astype(np.int64)
+    fold, grouped = sequence_folds(d, 10, 2020)
+    assert grouped and set(fold) == set(range(10))
+    subj_folds = pd.DataFrame({"s": seqs["subject"].to_numpy(), "f": fold}).groupby("s")["f"].nunique()
+    assert (subj_folds == 1).all()  # no subject in two folds
+
+
+def test_anticipation_loss():
+    target = torch.tensor([0])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    rising = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]]])
+    falling = rising.flip(1)
+    loss_r, parts_r = anticipation_loss(rising, mask, target)
+    loss_f, parts_f = anticipation_loss(falling, mask, target)
+    assert parts_r["hinge"] == 0 and parts_f["hinge"] > 0
+    assert abs(parts_r["ce"] - parts_f["ce"]) < 1e-6  # same steps, other order: same mean CE
+    p = torch.softmax(falling, -1)[0, :, 0]
+    assert abs(parts_f["hinge"] - float(((p[0] - p[1]) + (p[1] - p[2])) / 2)) < 1e-6
+    assert abs(float(loss_f) - (parts_f["ce"] + parts_f["hinge"])) < 1e-6
+    assert abs(float(anticipation_loss(falling, mask, target, weight=0)[0]) - parts_f["ce"]) < 1e-6
+    # padded steps are ignored
+    padded_logits = torch.cat([torch.tensor([[[0.0, 9.0]]]), rising], 1)
+    loss_p, parts_p = anticipation_loss(padded_logits, torch.tensor([[False, True, True, True]]), target)
+    assert abs(float(loss_p) - float(loss_r)) < 1e-6
+    # the hinge's gradient raises the later step's true-class score
+    z = falling.clone().requires_grad_(True)
+    anticipation_loss(z, mask, target, weight=10)[0].backward()
+    assert z.grad[0, 2, 0] < 0
+    probs = np.array([[[0.1, 0.9], [0.6, 0.4], [0.9, 0.1]], [[0, 0], [0.2, 0.8], [0.7, 0.3]]])
+    acc = accuracy_per_k(probs, np.array([3, 2]), np.array([0, 0]))
+    assert acc == {"k1": 0.0, "k2": 1.0, "k3": 1.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+def test_training_deterministic_and_learns(tmp_path):
+    # a learnable toy: the class is written in the last frame's features; 40 sequences, 8 subjects
+    rng = np.random.default_rng(0)
+    d = toy_data(lengths=list(rng.integers(2, 5, 40)), classes=3, shape=(6, 1, 1),
+                 subjects=[f"p{i % 8}" for i in range(40)])
+    d.frame_y = np.repeat(np.arange(40) % 3, d.lengths).astype(np.int64)
+    last = d.starts + d.lengths - 1
+    d.X[last, :3, 0, 0] += 3 * torch.nn.functional.one_hot(torch.from_numpy(d.frame_y[last]), 3).float()
+    cfg = SequenceConfig(model="lstm", folds=4, epochs=12, patience=5, lstm={"hidden": 16, "depth": 1, "dropout": 0.0},
+                         lr=0.01, batch_size=8, seed=7)
+    a = cross_validate(d, cfg, progress=None)
+    b = cross_validate(d, cfg, progress=None)
+    assert a["mean"] == b["mean"] and a["predictions"].equals(b["predictions"])
+    assert a["mean"]["accuracy"] > 0.8 and a["subject_independent"]
+    assert len(a["folds"]) == 4 and len(a["predictions"]) == 40
+    cfg.seed = 8
+    assert cross_validate(d, cfg, progress=None)["predictions"]["p_c0"].tolist() != a["predictions"]["p_c0"].tolist()
+    # windows and CBM and anticipation run through the same loop
+    for over in (dict(rho=2), dict(model="cbm", cbm={"hidden": 8, "depth": 5, "shortcut": 5}),
+                 dict(anticipation_first=2)):
+        c = SequenceConfig(**{**cfg.__dict__, "epochs": 2, **over})
+        r = cross_validate(d, c, progress=None)
+        assert 0 <= r["mean"]["accuracy"] <= 1
+    assert "k2" in r["by_first_k"]
+
+
+def test_regression_task(tmp_path, tiny_cnn):
+    ids = [f"v{s}/{f}" for s in range(12) for f in range(3)]
+    rng = np.random.default_rng(0)
+    val = np.repeat(np.linspace(-0.9, 0.9, 12), 3)
+    imgs = np.clip(128 + 100 * val[:, None, None] + rng.normal(0, 5, (36, 48, 48)), 0, 255).astype(np.uint8)
+    write_h5(tmp_path / "images.h5", {"images": imgs, "ids": np.array(ids)})
+    pd.DataFrame({"id": ids, "source": ids, "split": "train", "label_name": "", "valence": val, "arousal": -val,
+                  "sequence_id": [i.split("/")[0] for i in ids], "frame_index": [int(i[-1]) for i in ids],
+                  "subject": "", "fold": -1}).to_csv(tmp_path / "manifest.csv", index=False)
+    run_features(tmp_path / "images.h5", tmp_path / "manifest.csv", tmp_path / "f.h5", mode="images", size=8)
+    d = load_sequences(tmp_path / "f.h5", "regress")
+    assert d.regression == ["valence", "arousal"] and np.allclose(d.frame_y.mean(0), 0, atol=1e-5)
+    cfg = SequenceConfig(model="lstm", task="regress", folds=3, epochs=30, patience=30, lr=0.01,
+                         lstm={"hidden": 8, "depth": 1, "dropout": 0.0}, batch_size=4)
+    r = cross_validate(d, cfg, progress=None)
+    assert {"mse", "pearson", "mse_valence", "pearson_arousal"} <= set(r["mean"])
+    pred = r["predictions"]
+    assert np.allclose(sorted(pred["valence"]), sorted(np.linspace(-0.9, 0.9, 12)), atol=1e-5)  # original scale
+    assert r["pooled"]["pearson_valence"] > 0.5
+
+
+def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path, capsys):
+    """ingest (ck_sequences) -> gray48 -> features (a tiny CNN checkpoint) -> train_sequence -> --test-only."""
+    w = tmp_path
+    torch.manual_seed(1)
+    cnn = build_model("baseline", 7)
+    save_checkpoint(w / "cnn.pt", cnn, "baseline", ["angry", "disgust", "fear", "happy", "sad", "surprise", "contempt"])
+    load_stage("gray48").main(["--images", str(ck_frames / "ingest/images.h5"), "--out", str(w / "gray48.h5"),
+                               "--sheet", "", "--params", str(REPO / "params.yaml")])
+    load_stage("features").main(["--params", str(w / "absent.yaml"), "--images", str(w / "gray48.h5"),
+                                 "--manifest", str(ck_frames / "ingest/manifest.csv"), "--out", str(w / "f.h5"),
+                                 "--metrics", str(w / "features.json"), "--checkpoint", str(w / "cnn.pt"),
+                                 "--layer", "fc1"])
+    # params.yaml `sequence:` section is read when present; the command line overrides it
+    (w / "params.yaml").write_text("sequence:\n  model: lstm\n  folds: 3\n  lstm: {hidden: 32}\n"
+                                   "  train: {epochs: 4, patience: 5, seed: 3, lr: 0.003}\n")
+    args = ["--params", str(w / "params.yaml"), "--features", str(w / "f.h5"), "--model-out", str(w / "seq.pt"),
+            "--metrics", str(w / "seq.json"), "--plots", str(w / "plots"), "--predictions", str(w / "pred.csv"),
+            "--live", str(w / "live"), "--epochs", "15"]
+    load_stage("train_sequence").main(args)
+    m = json.loads((w / "seq.json").read_text())
+    assert m["model"] == "lstm" and m["sequences"] == 262 and m["subject_independent"] is True
+    assert len(m["per_fold"]) == 3 and all(f["epochs"] <= 15 for f in m["per_fold"])
+    assert set(m["mean"]) >= {"accuracy", "macro_f1", "auc"} and set(m["std"]) >= {"accuracy"}
+    assert set(m["by_first_k"]) == {"k1", "k2", "k3", "k4"}
+    assert m["mean"]["accuracy"] > 0.3  # above the majority class (65/262 = 0.25) even from random-CNN features
+    assert (w / "plots/confusion.png").stat().st_size > 1000 and (w / "live/metrics.json").exists()
+    pred = pd.read_csv(w / "pred.csv")
+    assert len(pred) == 262 and pred.groupby("subject")["fold"].nunique().max() == 1
+    model, info = load_sequence_model(w / "seq.pt")
+    assert isinstance(model, LSTMNet) and model.lstm.hidden_size == 32 and info["meta"]["config"]["seed"] == 3
+    load_stage("train_sequence").main(["--test-only", "--model-in", str(w / "seq.pt"), "--features", str(w / "f.h5"),
+                                       "--outputs", str(w / "test.h5"), "--metrics", str(w / "test.json")])
+    t = read_h5(w / "test.h5")
+    assert t["outputs"].shape == (262, 7) and t["steps"].shape == (262, 4, 7) and t["seq_number"].dtype == np.int32
+    assert np.allclose(t["outputs"].sum(1), 1, atol=1e-5) and t["label"].shape == (262, 1)
+    # a short window longer than every sequence is a clear error
+    with pytest.raises(SystemExit, match="no test sample|empty training"):
+        load_stage("train_sequence").main(args + ["--rho", "5", "--no-final"])
+
+
+# ------------------------------------------------------------------------------------------------
+# DVC: the proposed stages (ingest/gray48 of sequences, features, train_sequence) on a copy of the project
+
+SEQUENCE_PARAMS = {
+    "dataset": {"format": "ck_sequences", "path": "ck"},
+    "features": {"mode": "cnn", "checkpoint": "models/cnn.pt", "layer": "logits", "batch_size": 1024,
+                 "standardize": True},
+    "model": "lstm", "task": "classify", "rho": 0, "folds": 3,
+    "lstm": {"hidden": 32, "depth": 1, "dropout": 0.5},
+    "cbm": {"hidden": 8, "depth": 5, "shortcut": 5, "temporal_dropout": 0.3, "dropout": 0.5},
+    "train": {"epochs": 3, "patience": 2, "seed": 2020, "final": True},
+    "anticipation": {"first": 0, "weight": 1.0},
+}
+SEQ_LIB = ["src/ferpipe/sequences/train.py", "src/ferpipe/sequences/models.py", "src/ferpipe/sequences/anticipation.py",
+           "src/ferpipe/sequences/features.py"]
+SEQUENCE_STAGES = {
+    "ingest_sequences": {
+        "cmd": "python stages/ingest.py --format ${sequence.dataset.format} --path ${sequence.dataset.path} "
+               "--out data/sequences/ingest/images.h5 --manifest data/sequences/ingest/manifest.csv "
+               "--rejects data/sequences/ingest/rejects.csv --metrics metrics/ingest_sequences.json "
+               "--sheet plots/sheets/ingest_sequences.png --quiet",
+        "deps": ["stages/ingest.py", "src/ferpipe/data/ingest.py", "src/ferpipe/data/readers.py",
+                 "src/ferpipe/data/sequences.py", "src/ferpipe/data/decode.py", "${sequence.dataset.path}"],
+        "params": ["sequence.dataset", "ingest"],
+        "outs": ["data/sequences/ingest/images.h5", "data/sequences/ingest/manifest.csv",
+                 "data/sequences/ingest/rejects.csv"],
+        "metrics": [{"metrics/ingest_sequences.json": {"cache": False}}],
+        "plots": [{"plots/sheets/ingest_sequences.png": {"cache": False}}]},
+    "gray48_sequences": {
+        "cmd": "python stages/gray48.py --images data/sequences/ingest/images.h5 --out data/sequences/gray48/images.h5 "
+               "--sheet plots/sheets/gray48_sequences.png",
+        "deps": ["stages/gray48.py", "src/ferpipe/data/gray.py", "data/sequences/ingest/images.h5"],
+        "params": ["gray48"],
+        "outs": ["data/sequences/gray48/images.h5"],
+        "plots": [{"plots/sheets/gray48_sequences.png": {"cache": False}}]},
+    # stands in for the image training stage: a CNN checkpoint that changes with the `model` param
+    "cnn": {"cmd": "python make_cnn.py", "deps": ["make_cnn.py"], "params": ["model"], "outs": ["models/cnn.pt"]},
+    "features": {
+        "cmd": "python stages/features.py",
+        "deps": ["stages/features.py", "src/ferpipe/sequences/features.py", "data/sequences/gray48/images.h5",
+                 "data/sequences/ingest/manifest.csv", "${sequence.features.checkpoint}"],
+        "params": ["sequence.features"],
+        "outs": ["data/sequences/features.h5"],
+        "metrics": [{"metrics/features.json": {"cache": False}}]},
+    "train_sequence": {
+        "cmd": "python stages/train_sequence.py",
+        "deps": ["stages/train_sequence.py", *SEQ_LIB, "data/sequences/features.h5"],
+        "params": [f"sequence.{k}" for k in ("model", "task", "rho", "folds", "lstm", "cbm", "train", "anticipation")],
+        "outs": ["models/sequence/model.pt", "data/sequences/predictions.csv"],
+        "metrics": [{"metrics/sequence.json": {"cache": False}}],
+        "plots": [{"plots/sequence/confusion.png": {"cache": False}}, {"dvclive/sequence/plots": {"cache": False}}]},
+}
+MAKE_CNN = """import torch, yaml
+from ferpipe.models import build_model
+from ferpipe.train.checkpoint import save_checkpoint
+name = yaml.safe_load(open("params.yaml"))["model"]
+torch.manual_seed(0)
+save_checkpoint("models/cnn.pt", build_model(name, 7), name, [f"c{i}" for i in range(7)])
+"""
+
+
+@pytest.mark.slow
+def test_dvc_sequence_stages(sequences_dir, tmp_path):
+    import yaml
+    from conftest import make_project, ran_stages
+    proj = make_project(tmp_path / "p")
+    root = proj.root
+    labels = pd.read_csv(sequences_dir / "labels.csv").iloc[:40]
+    (root / "ck" / "frames").mkdir(parents=True)
+    labels.to_csv(root / "ck" / "labels.csv", index=False)
+    for seq in labels["sequence_id"]:
+        shutil.copytree(sequences_dir / "frames" / seq, root / "ck" / "frames" / seq)
+    (root / "make_cnn.py").write_text(MAKE_CNN)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sequence"] = SEQUENCE_PARAMS
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": SEQUENCE_STAGES}, sort_keys=False))
+    proj.commit("sequence pipeline")
+    first = ran_stages(proj.dvc("repro"))
+    assert first == ["ingest_sequences", "gray48_sequences", "cnn", "features", "train_sequence"], first
+    m = json.loads((root / "metrics/sequence.json").read_text())
+    assert m["sequences"] == 40 and m["model"] == "lstm" and len(m["per_fold"]) == 3
+    assert ran_stages(proj.dvc("repro")) == []
+    proj.commit("repro")
+    # an LSTM param reruns only train_sequence
+    proj.set_params(**{"sequence.lstm.hidden": 16})
+    assert ran_stages(proj.dvc("repro")) == ["train_sequence"]
+    # another CNN reruns the CNN, features and what follows, never the frames
+    proj.set_params(**{"model": "original"})
+    assert ran_stages(proj.dvc("repro")) == ["cnn", "features", "train_sequence"]
+    proj.commit("original cnn")
+    # dvc exp run -S sequence.model=cbm
+    out = proj.dvc("exp", "run", "-S", "sequence.model=cbm")
+    assert ran_stages(out) == ["train_sequence"], out
+    assert json.loads((root / "metrics/sequence.json").read_text())["model"] == "cbm"
