@@ -25,6 +25,16 @@ def sequences_dir() -> Path:
     return path
 
 
+def load_stage(name: str):
+    """Import stages/<name>.py as a module, to call its main(argv) in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def fer_slice(fer_dir: Path, split: str = "train", per_class: int = 8, classes=None) -> tuple[np.ndarray, list[str]]:
     """The first `per_class` images (sorted names) of each class folder: uint8 [N,48,48] and labels."""
     images, labels = [], []

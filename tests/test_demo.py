@@ -9,6 +9,7 @@ from PIL import Image
 
 from ferpipe.data import demo
 from ferpipe.data.demo import CLASSES, SPLITS, make_demo
+from conftest import load_stage
 
 TRAIN, TEST, SIZE, SEED = 20, 10, 96, 7
 
@@ -150,11 +151,7 @@ def test_warps_never_fold():
 
 
 def test_stage_cli_reads_params_and_overrides(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stage_demo", Path(__file__).parents[1] / "stages" / "demo.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    stage = load_stage("demo")
     params = tmp_path / "params.yaml"
     params.write_text("demo:\n  seed: 3\n  train_per_class: 2\n  test_per_class: 1\n  size: 64\n")
     out, met = tmp_path / "data" / "demo", tmp_path / "metrics" / "demo.json"

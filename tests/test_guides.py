@@ -1,7 +1,6 @@
 """Guide maps (DESIGN.md 4.1): landmark drawing, soft, dilation, patches, weighted, saliency."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import cv2
@@ -12,6 +11,7 @@ from ferpipe.faces.draw import REGIONS, draw_regions, draw_regions_batch
 from ferpipe.guides import maps
 from ferpipe.guides.maps import GUIDE_KINDS, make_guide, run_guide
 from ferpipe.store import read_attrs, read_h5, write_h5
+from conftest import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -283,18 +283,11 @@ def test_run_guide_saliency_without_landmarks(tmp_path):
         run_guide("soft", str(tmp_path / "gray.h5"), None, str(out), None)
 
 
-def _stage():
-    spec = importlib.util.spec_from_file_location("stage_guide", REPO / "stages" / "guide.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_stage_cli(tmp_path, capsys):
     _write_inputs(tmp_path)
     (tmp_path / "params.yaml").write_text(
         "guides:\n  soft: {mode: threshold, threshold: 38, low: 100, sigma: 1.5}\n")
-    stage = _stage()
+    stage = load_stage("guide")
     common = ["--images", str(tmp_path / "gray.h5"), "--landmarks", str(tmp_path / "lm.h5"),
               "--params", str(tmp_path / "params.yaml")]
     stage.main(["soft", "--out", str(tmp_path / "a.h5"), "--sheet", ""] + common)

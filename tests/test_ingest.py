@@ -6,7 +6,6 @@ beside the checkout and are skipped when it is absent.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -24,6 +23,7 @@ from ferpipe.data.labels import (FER2013_CLASSES, LabelError, affectnet_name, ca
 from ferpipe.data.readers import (MANIFEST_COLUMNS, REJECT_COLUMNS, DatasetError, read_dataset,
                                   read_folder)
 from ferpipe.store import read_attrs, read_h5
+from conftest import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_FER = Path(__file__).resolve().parents[2] / "shared" / "data" / "fer2013"
@@ -540,15 +540,8 @@ def test_ingest_failure_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def load_stage():
-    spec = importlib.util.spec_from_file_location("stage_ingest", REPO / "stages" / "ingest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_stage_cli(tmp_path, capsys):
-    stage = load_stage()
+    stage = load_stage("ingest")
     with pytest.raises(SystemExit):
         stage.main(["--help"])
     text = capsys.readouterr().out

@@ -29,17 +29,10 @@ from ferpipe.sequences.train import (SequenceConfig, SequenceData, cross_validat
                                      make_samples, sequence_folds)
 from ferpipe.store import read_h5, write_h5
 from ferpipe.train.checkpoint import save_checkpoint
+from conftest import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CK_CLASSES = {"angry", "contempt", "disgust", "fear", "happy", "sad", "surprise"}
-
-
-def load_stage(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def png(path: Path, value: int, size: int = 48) -> Path:

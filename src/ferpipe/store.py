@@ -97,3 +97,16 @@ def write_csv(path: str | os.PathLike, frame) -> None:
     """Write a pandas DataFrame atomically (no index)."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+def write_torch(path: str | os.PathLike, obj) -> None:
+    """torch.save atomically. Through a buffer: torch.save names the zip's inner folder after the
+    file, and the temp file's name is random, so saving to it directly made reruns differ in bytes."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())

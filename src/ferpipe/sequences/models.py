@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ferpipe.store import atomic_path
+from ferpipe.store import write_torch
 
 KINDS = ("lstm", "cbm", "frame")
 ENCODERS = ("none", "simple", "simple_fc", "conv")
@@ -355,8 +355,7 @@ def save_sequence_model(path, model: nn.Module, kind: str, kwargs: dict, meta: d
     payload = {"kind": kind, "in_shape": list(model.in_shape), "num_outputs": model.num_outputs,
                "kwargs": dict(kwargs), "meta": dict(meta or {}),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
 
 
 def load_sequence_model(path) -> tuple[nn.Module, dict]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ferpipe.models import build_model
-from ferpipe.store import atomic_path
+from ferpipe.store import write_torch
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, name: str, classes: list[str],
@@ -20,8 +20,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, name: str, classe
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"model": name, "num_classes": len(classes), "classes": list(classes),
                "model_kwargs": dict(model_kwargs or {}), "state_dict": state, "meta": dict(meta or {})}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -178,7 +178,7 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
                 save_checkpoint(models_dir / f"fold{k}.pt", model, name, data.classes, kw, {
                     **base_meta, "fold": k, "best_epoch": res.best_epoch, "val_acc": res.best_val_acc,
                     "val_loss": res.best_val_loss, "epochs": res.epochs, "history": res.history,
-                    "input": data.spec.to_dict(), "seconds": res.seconds, "images_per_s": res.images_per_s,
+                    "input": data.spec.to_dict(),  # no timings: a rerun writes identical bytes
                     "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
                 print(f"fold {k}: best val acc {res.best_val_acc:.4f} at epoch {res.best_epoch} "
                       f"({res.epochs} epochs, {res.seconds:.1f} s, {res.images_per_s:.0f} img/s)", flush=True)
@@ -196,7 +196,7 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
             if rt.is_main:
                 save_checkpoint(models_dir / "final.pt", model, name, data.classes, kw, {
                     **base_meta, "fold": None, "best_epoch": n_epochs, "epochs": n_epochs, "history": res.history,
-                    "input": data.spec.to_dict(), "seconds": res.seconds, "images_per_s": res.images_per_s,
+                    "input": data.spec.to_dict(),  # no timings: a rerun writes identical bytes
                     "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
                 print(f"final: {n_epochs} epochs on {len(rows)} rows ({res.seconds:.1f} s)", flush=True)
         if rt.is_main and metrics_path:
