@@ -55,12 +55,12 @@ def make(name, rmn48):
 
 def test_registry_names_and_inputs():
     assert set(MODEL_NAMES) == {"baseline", "original", "landmarks", "soft", "dilation", "saliency",
-                                "patches", "weighted", "rmn", "resnet18"}
+                                "patches", "weighted", "rmn", "resnet18", "vgg"}
     for name in ("landmarks", "soft", "dilation", "saliency"):
         assert MODEL_SPECS[name]["image"] == "gray48" and MODEL_SPECS[name]["guide"] == name
     for name in ("patches", "weighted"):
         assert MODEL_SPECS[name]["image"] == name and MODEL_SPECS[name]["guide"] == "landmarks"
-    for name in ("baseline", "original", "rmn", "resnet18"):
+    for name in ("baseline", "original", "rmn", "resnet18", "vgg"):
         assert MODEL_SPECS[name]["image"] == "gray48" and MODEL_SPECS[name]["guide"] is None
         assert not needs_guide(name)
     with pytest.raises(ValueError, match="unknown model"):
@@ -166,6 +166,33 @@ def test_param_count_resnet18():
     tv18 = count_params(torchvision.models.resnet18())  # 11,689,512 with 1000 classes
     expected = tv18 - conv(3, 64, 7, False) + conv(1, 64, 3, False) - linear(512, 1000) + linear(512, C)
     assert count_params(resnet18(C)) == expected == 11_171_271
+
+
+def test_param_count_vgg():
+    def block(cin, cout):  # two 3x3 convs without bias, each with BatchNorm (weight + bias)
+        return conv(cin, cout, 3, False) + 2 * cout + conv(cout, cout, 3, False) + 2 * cout
+    assert count_params(build_model("vgg", C)) == (
+        block(1, 24) + block(24, 48) + block(48, 96) + block(96, 192) + linear(192, C)) == 661_375
+    small = build_model("vgg", 3, width=8, blocks=3)
+    assert count_params(small) == block(1, 8) + block(8, 16) + block(16, 32) + linear(32, 3)
+    with torch.no_grad():  # global pooling: any input side the pools can halve
+        assert small.eval()(batch(2, 64)).shape == (2, 3)
+    with pytest.raises(ValueError, match="image must be"):
+        small(torch.zeros(2, 3, 48, 48))
+
+
+def test_vgg_channels_last_gives_the_same_output_as_contiguous():
+    torch.manual_seed(0)
+    model = build_model("vgg", C).eval()
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = batch(4)
+    with torch.no_grad():
+        ref = model(x)
+        plain = build_model("vgg", C).eval()
+        plain.load_state_dict(model.state_dict())
+        plain.to(memory_format=torch.contiguous_format)
+        plain.forward = lambda x, guide=None: plain.head(plain.dropout(torch.flatten(plain.pool(plain.features(x)), 1)))
+        torch.testing.assert_close(plain(x), ref, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- STN behaviour

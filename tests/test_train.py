@@ -17,7 +17,8 @@ from ferpipe.store import write_h5
 from ferpipe.train.augment import BatchAugment
 from ferpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from ferpipe.train.data import InputSpec, load_data, prepare_input, read_split
-from ferpipe.train.loop import FitConfig, Runtime, class_weights, evaluate_rows, fit, seed_everything
+from ferpipe.train.loop import (FitConfig, Runtime, class_weights, evaluate_rows, fit, scheduled_lr, seed_everything,
+                                train_batches)
 from ferpipe.train.run import make_model, resolve_params, run_train, select_folds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +160,36 @@ def test_augment_flip_and_identity():
 def test_class_weights_min_over_count():
     w = class_weights(torch.tensor([10, 5, 0, 20]))
     torch.testing.assert_close(w, torch.tensor([0.5, 1.0, 0.0, 0.25]))
+
+
+def test_cosine_schedule_anneals_to_zero_and_constant_stays():
+    assert [scheduled_lr(1e-3, "constant", s, 10) for s in (0, 5, 10)] == [1e-3] * 3
+    lrs = [scheduled_lr(1e-3, "cosine", s, 10) for s in range(11)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[5] == pytest.approx(5e-4) and lrs[10] == pytest.approx(0)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        scheduled_lr(1e-3, "step", 0, 10)
+
+
+def test_fit_sets_the_scheduled_lr_per_batch(art, monkeypatch):
+    data = load_data(art["split"], "baseline", gray48=art["gray48"], guides_dir=art["guides"])
+    seen = []
+
+    class Spy(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    tr = data.train_rows(exclude_fold=0)
+    cfg = FitConfig(max_epochs=2, batch_size=64, lr=1e-2, lr_schedule="cosine", log_every=0, progress=False)
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    fit(build_model("baseline", 3), data, tr, None, cfg, CPU1)
+    steps = len(seen)
+    assert steps == 2 * len(train_batches(tr, 64, torch.Generator().manual_seed(0)))
+    assert seen == pytest.approx([scheduled_lr(1e-2, "cosine", s, steps) for s in range(steps)])
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        fit(build_model("baseline", 3), data, tr, None,
+            FitConfig(max_epochs=1, lr_schedule="nope", log_every=0, progress=False), CPU1)
 
 
 def test_params_and_folds_are_checked():

@@ -6,7 +6,7 @@
   stage), ``"patches"`` / ``"weighted"`` (the collage written by guide@patches / guide@weighted).
 * ``guide``: the guide map the localization net sees (``None``: no guide is passed). Guide kinds
   are the names of the guide@<kind> stage outputs.
-* ``family``: ``deep_emotion`` | ``rmn`` | ``resnet``; ``stn_mode``: ``None`` | ``"original"`` |
+* ``family``: ``deep_emotion`` | ``rmn`` | ``resnet`` | ``vgg``; ``stn_mode``: ``None`` | ``"original"`` |
   ``"guided"``; ``in_size``: the default input side.
 
 =========  =========  =========  ==========  ========
@@ -22,6 +22,7 @@ patches    patches    landmarks  STN         guided
 weighted   weighted   landmarks  STN         guided
 rmn        gray48     -          RMN         -
 resnet18   gray48     -          GrayResNet  -
+vgg        gray48     -          CompactVGG  -
 =========  =========  =========  ==========  ========
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn as nn
 from ferpipe.models.backbones import load_weights, read_state_dict, resnet18
 from ferpipe.models.deep_emotion import STN, Localization, SimpleCNN
 from ferpipe.models.rmn import RMN, MaskingBlock
+from ferpipe.models.vgg import CompactVGG
 
 
 def _spec(family: str, image: str = "gray48", guide: str | None = None,
@@ -51,6 +53,7 @@ MODEL_SPECS: dict[str, dict[str, Any]] = {
     "weighted": _spec("deep_emotion", image="weighted", guide="landmarks", stn_mode="guided"),
     "rmn": _spec("rmn"),
     "resnet18": _spec("resnet"),
+    "vgg": _spec("vgg"),
 }
 MODEL_NAMES = tuple(MODEL_SPECS)
 
@@ -63,6 +66,8 @@ def _factory(name: str) -> Callable[..., nn.Module]:
         return lambda num_classes, **kw: STN(num_classes, mode=spec["stn_mode"], **kw)
     if spec["family"] == "rmn":
         return lambda num_classes, **kw: RMN(num_classes, **{"in_size": spec["in_size"], **kw})
+    if spec["family"] == "vgg":
+        return lambda num_classes, **kw: CompactVGG(num_classes, **kw)
     return lambda num_classes, **kw: resnet18(num_classes, **kw)
 
 
@@ -70,7 +75,8 @@ def build_model(name: str, num_classes: int, **kw: Any) -> nn.Module:
     """Build a registry model. Extra keywords go to its constructor:
 
     SimpleCNN/STN: ``in_size``, ``dropout``; RMN: ``in_size``, ``in_channels``, ``stem``,
-    ``mask_depths``, ``dropout``, ``weights_path``; resnet18: ``weights_path``, ``in_channels``.
+    ``mask_depths``, ``dropout``, ``weights_path``; resnet18: ``weights_path``, ``in_channels``;
+    vgg: ``width``, ``blocks``, ``dropout``, ``in_channels``.
     """
     if name not in MODEL_SPECS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
@@ -131,6 +137,6 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 __all__ = [
     "MODEL_SPECS", "MODEL_NAMES", "build_model", "needs_guide", "get_head", "replace_head",
-    "count_params", "SimpleCNN", "Localization", "STN", "RMN", "MaskingBlock", "resnet18",
+    "count_params", "SimpleCNN", "Localization", "STN", "RMN", "MaskingBlock", "resnet18", "CompactVGG",
     "load_weights", "read_state_dict",
 ]

@@ -122,6 +122,7 @@ class FitConfig:
     eval_batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"     # constant (Guided-ST) | cosine (per batch, to 0 at max_epochs)
     seed: int = 2020
     progress: bool | None = None      # None: a bar when stderr is a terminal
     log_every: int = 1                # print an epoch summary line every N epochs (0 = never)
@@ -201,6 +202,23 @@ def train_batches(rows: torch.Tensor, batch_size: int, generator: torch.Generato
     return batches
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`.
+
+    ``cosine`` anneals from ``base_lr`` to 0 over the whole ``max_epochs`` budget (per batch), so a
+    short CPU budget still ends at a small rate instead of stopping mid-oscillation; early stopping
+    still picks the best validation epoch.
+    """
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    raise ValueError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+
+
 def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: torch.Tensor | None,
         cfg: FitConfig, rt: Runtime, weights: torch.Tensor | None = None, augment: Callable | None = None,
         live=None, desc: str = "train") -> FitResult:
@@ -211,6 +229,8 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
     net = _unwrap(model)
     criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(rt.device))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduled_lr(cfg.lr, cfg.lr_schedule, 0, 1)  # an unknown schedule fails before the first epoch
+    step = 0
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     order = torch.Generator().manual_seed(int(cfg.seed))
     patience = cfg.patience if cfg.patience and cfg.patience > 0 else math.inf
@@ -227,7 +247,11 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
         seen = 0
         bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}", unit="batch", leave=False,
                    disable=bar_off, dynamic_ncols=True)
+        total_steps = int(cfg.max_epochs) * len(batches)
         for idx in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(cfg.lr, cfg.lr_schedule, step, total_steps)
+            step += 1
             local = idx[rt.rank::rt.world]
             image, guide, y = data.batch(local, augment)
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
