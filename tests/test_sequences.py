@@ -460,6 +460,31 @@ def test_windows_and_whole_sequences():
     assert [prefix_length(n, 0.5) for n in (1, 2, 3, 4)] == [1, 1, 2, 2] and prefix_length(3, 9) == 3
 
 
+def test_fold_view_standardizes_with_the_training_frames_only():
+    d = toy_data(lengths=(3, 2, 4), shape=(2, 1, 1))
+    raw = d.X.clone() * 5 + 2
+    d.file_mean, d.file_std = raw.mean(0), raw.std(0, unbiased=False)    # the features stage: every frame
+    d.X = (raw - d.file_mean) / d.file_std
+    torch.testing.assert_close(d.raw(), raw)
+    v = d.fold_view([0, 2])                                             # frames 0-2 and 5-8 train
+    train = raw[[0, 1, 2, 5, 6, 7, 8]]
+    torch.testing.assert_close(v.norm_mean, train.mean(0))
+    torch.testing.assert_close(v.norm_std, train.std(0, unbiased=False))
+    torch.testing.assert_close(v.X, (raw - train.mean(0)) / train.std(0, unbiased=False))
+    torch.testing.assert_close(d.X, (raw - d.file_mean) / d.file_std)  # the original is untouched
+    # the held-out sequence's values do not move the training frames' inputs
+    d2 = toy_data(lengths=(3, 2, 4), shape=(2, 1, 1))
+    raw2 = raw.clone()
+    raw2[3:5] += 100.0
+    d2.file_mean, d2.file_std = raw2.mean(0), raw2.std(0, unbiased=False)
+    d2.X = (raw2 - d2.file_mean) / d2.file_std
+    torch.testing.assert_close(d2.fold_view([0, 2]).X[[0, 1, 2, 5, 6, 7, 8]], v.X[[0, 1, 2, 5, 6, 7, 8]])
+    # images mode (file std = 1): mean subtraction only; a raw file stays raw
+    d.file_std = torch.ones_like(d.file_std)
+    assert bool((d.fold_view([0]).norm_std == 1).all())
+    assert toy_data().fold_view([0]).norm_mean is None
+
+
 def test_sequence_folds_subject_independent(sequences_dir):
     m, _ = read_dataset("ck_sequences", sequences_dir)
     seqs = m.drop_duplicates("sequence_id")

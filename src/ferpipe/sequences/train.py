@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +131,10 @@ class SequenceData:
     label_mean: np.ndarray | None = None
     label_std: np.ndarray | None = None
     excluded: dict = field(default_factory=dict)
+    file_mean: torch.Tensor | None = None   # the features file's standardization (None: outputs are raw)
+    file_std: torch.Tensor | None = None
+    norm_mean: torch.Tensor | None = None   # the statistics X is standardized with now (see fold_view)
+    norm_std: torch.Tensor | None = None
 
     @property
     def in_shape(self):
@@ -139,6 +143,46 @@ class SequenceData:
     @property
     def num_outputs(self):
         return len(self.classes) if self.task == "classify" else len(self.regression)
+
+    def frames_of(self, seqs) -> np.ndarray:
+        """Frame indices of the given sequences (indices into starts/lengths)."""
+        seqs = np.asarray(seqs, np.int64)
+        if len(seqs) == 0:
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.arange(self.starts[s], self.starts[s] + self.lengths[s]) for s in seqs])
+
+    def raw(self) -> torch.Tensor:
+        """The outputs before the features file's standardization."""
+        if self.file_mean is None:
+            return self.X
+        return self.X * self.file_std + self.file_mean
+
+    def standardized_with(self, mean: torch.Tensor | None, std: torch.Tensor | None) -> "SequenceData":
+        """A copy whose X is (raw - mean) / std (mean None: raw); labels and bookkeeping shared."""
+        raw = self.raw()
+        X = raw if mean is None else (raw - mean) / std
+        return replace(self, X=X.contiguous(), norm_mean=mean, norm_std=std)
+
+    def fold_view(self, train_seqs) -> "SequenceData":
+        """X re-standardized with the statistics of the training sequences' frames only.
+
+        The features stage standardizes over every frame of the file, test folds included; cross-
+        validation must not see the test folds, so each fold undoes that and uses its own training
+        frames' per-element mean/std (mean only where the file has std = 1, the images mode).
+        A file written without standardization stays raw.
+        """
+        if self.file_mean is None:
+            return self
+        raw = self.raw()[torch.from_numpy(self.frames_of(train_seqs))]
+        if len(raw) == 0:
+            raise ValueError("no training frames to standardize with")
+        mean = raw.mean(0, dtype=torch.float64).float()
+        if bool((self.file_std == 1).all()):
+            std = torch.ones_like(mean)
+        else:
+            std = raw.double().std(0, unbiased=False).float()
+            std = torch.where(std < 1e-6, torch.ones_like(std), std)
+        return self.standardized_with(mean, std)
 
     def seq_target(self) -> np.ndarray:
         """Each sequence's target (its last frame's label)."""
@@ -179,9 +223,14 @@ def load_sequences(path, task: str = "classify") -> SequenceData:
     if (~keep).any():
         excluded["no label on the last frame"] = int((~keep).sum())
     sel = np.flatnonzero(keep)
+    fm = fs = None
+    if "mean" in f and "std" in f:
+        fm = torch.from_numpy(np.ascontiguousarray(f["mean"], dtype=np.float32))
+        fs = torch.from_numpy(np.ascontiguousarray(f["std"], dtype=np.float32))
     return SequenceData(torch.from_numpy(np.ascontiguousarray(f["outputs"], dtype=np.float32)), frame_y,
                         starts[sel], lengths[sel], seq[starts][sel], sids[sel].astype(str),
-                        subjects[sel].astype(str), task, classes, regression, lm, ls, excluded)
+                        subjects[sel].astype(str), task, classes, regression, lm, ls, excluded,
+                        file_mean=fm, file_std=fs, norm_mean=fm, norm_std=fs)
 
 
 @dataclass
@@ -473,12 +522,13 @@ def cross_validate(data: SequenceData, cfg: SequenceConfig, live=None, progress=
         test = np.flatnonzero(fold == k)
         val = np.flatnonzero(fold == (k + 1) % cfg.folds)
         train = np.flatnonzero((fold != k) & (fold != (k + 1) % cfg.folds))
-        model, info = train_one(data, train, val, cfg, cfg.seed * 1000 + k, live, f"fold{k}/")
-        te = make_samples(data, test, cfg.rho, cfg.max_len, cfg.anticipation_first)
+        fold_data = data.fold_view(train)  # statistics of this fold's training frames only
+        model, info = train_one(fold_data, train, val, cfg, cfg.seed * 1000 + k, live, f"fold{k}/")
+        te = make_samples(fold_data, test, cfg.rho, cfg.max_len, cfg.anticipation_first)
         if len(te) == 0:
             raise ValueError(f"fold {k}: no test sample (every sequence shorter than rho={cfg.rho}?)")
         skipped.update({**info["skipped"], **te.skipped})
-        m, steps = evaluate_samples(model, data, te, cfg)
+        m, steps = evaluate_samples(model, fold_data, te, cfg)
         last = steps[:, -1]
         m.update(fold=k, n_train=info["n_train"], n_val=info["n_val"], n_test=len(te), best_epoch=info["best_epoch"],
                  epochs=info["epochs"], best_val_loss=info["best_val_loss"], seconds=round(time.perf_counter() - t0, 2))
@@ -550,7 +600,8 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
         final_info = {}
         if cfg.final:
             fold, _ = sequence_folds(data, cfg.folds, cfg.seed)
-            model, final_info = train_one(data, np.flatnonzero(fold != 0), np.flatnonzero(fold == 0), cfg,
+            final_data = data.fold_view(np.flatnonzero(fold != 0))
+            model, final_info = train_one(final_data, np.flatnonzero(fold != 0), np.flatnonzero(fold == 0), cfg,
                                           cfg.seed * 1000 + cfg.folds, live, "final/")
     finally:
         if live is not None:
@@ -572,7 +623,10 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
                             meta={"config": asdict(cfg), "classes": data.classes, "regression": data.regression,
                                   "label_mean": None if data.label_mean is None else data.label_mean.tolist(),
                                   "label_std": None if data.label_std is None else data.label_std.tolist(),
-                                  "features": str(features_h5), "cv_mean": _round(cv["mean"])})
+                                  "features": str(features_h5), "cv_mean": _round(cv["mean"]),
+                                  # the input statistics of its training frames: --test-only applies them
+                                  "input_mean": None if final_data.norm_mean is None else final_data.norm_mean.tolist(),
+                                  "input_std": None if final_data.norm_std is None else final_data.norm_std.tolist()})
     metrics = _round(metrics)
     write_json(metrics_path, metrics)
     if plots_dir and data.task == "classify":
@@ -598,6 +652,9 @@ def run_test_only(model_path, features_h5, out_h5, metrics_path=None) -> dict:
         raise ValueError(f"{features_h5}: classes {data.classes} differ from the model's {info['meta']['classes']}")
     if tuple(data.in_shape) != tuple(info["in_shape"]):
         raise ValueError(f"{features_h5}: frames {data.in_shape}, the model expects {tuple(info['in_shape'])}")
+    if info["meta"].get("input_mean") is not None:  # the model's training statistics, not the file's
+        data = data.standardized_with(torch.tensor(info["meta"]["input_mean"], dtype=torch.float32),
+                                      torch.tensor(info["meta"]["input_std"], dtype=torch.float32))
     if cfg.task == "regress":
         data.label_mean = np.asarray(info["meta"]["label_mean"], np.float32)
         data.label_std = np.asarray(info["meta"]["label_std"], np.float32)
