@@ -8,18 +8,28 @@ in which dlib's HOG detector finds a face).
 The faces are made from images that ship with scikit-image (astronaut, lfw_subset): landmark-driven
 expression warps plus random pose/photometric jitter. Nothing is downloaded; the same params give
 byte-identical files. Params: demo.seed, demo.train_per_class, demo.test_per_class, demo.size.
+
+With --sequences it writes demo expression sequences instead, in the CK+ layout the sequence stages
+read (<out>/frames/<sequence>/<sequence>_<frame>.png + <out>/labels.csv): the same faces going from
+neutral to the apex of happy, sad, surprise or angry. Params: demo.seed, demo.size,
+demo.sequences.per_class, demo.sequences.frames.
 """
 import argparse
 import json
 
-from ferpipe.data.demo import make_demo
+from ferpipe.data.demo import make_demo, make_demo_sequences
 from ferpipe.params import load_params
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="data/demo", help="output folder (replaced as a whole)")
-    p.add_argument("--metrics", default="metrics/demo.json", help="metrics JSON ('' for none)")
+    p.add_argument("--out", help="output folder, replaced as a whole (default data/demo, with --sequences "
+                                 "data/demo_sequences)")
+    p.add_argument("--metrics", help="metrics JSON ('' for none; default metrics/demo.json, with --sequences "
+                                     "metrics/demo_sequences.json)")
+    p.add_argument("--sequences", action="store_true", help="write the demo sequences (CK+ layout) instead")
+    p.add_argument("--per-class", type=int, help="--sequences: override demo.sequences.per_class")
+    p.add_argument("--frames", type=int, help="--sequences: override demo.sequences.frames")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--seed", type=int, help="override demo.seed")
     p.add_argument("--train-per-class", type=int, help="override demo.train_per_class")
@@ -28,6 +38,17 @@ def main(argv=None):
     a = p.parse_args(argv)
     prm = load_params(a.params, "demo")
     pick = lambda cli, key: prm[key] if cli is None else cli  # noqa: E731  (0 is a valid override)
+    if a.sequences:
+        seq = prm.get("sequences") or {}
+        result = make_demo_sequences(a.out or "data/demo_sequences", seed=pick(a.seed, "seed"),
+                                     per_class=seq.get("per_class", 12) if a.per_class is None else a.per_class,
+                                     frames=seq.get("frames", 6) if a.frames is None else a.frames,
+                                     size=pick(a.size, "size"),
+                                     metrics_path="metrics/demo_sequences.json" if a.metrics is None else a.metrics or None)
+        print(json.dumps(result, indent=1))
+        return
+    a.out = a.out or "data/demo"
+    a.metrics = "metrics/demo.json" if a.metrics is None else a.metrics
     result = make_demo(a.out, seed=pick(a.seed, "seed"), train_per_class=pick(a.train_per_class, "train_per_class"),
                        test_per_class=pick(a.test_per_class, "test_per_class"), size=pick(a.size, "size"),
                        metrics_path=a.metrics or None)

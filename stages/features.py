@@ -4,8 +4,11 @@ Mode cnn runs a trained CNN checkpoint (the training stage's .pt) over every fra
 and dumps one layer (--layer: a module name such as fc1, classifier.fc1, dropout, layer4; "flatten" =
 the input of the first Linear layer; "logits"); a vector layer is stored as [N, D, 1, 1]. Instead of a
 checkpoint, --backbone resnet18 --weights FILE builds a torchvision backbone from a local weights file.
+The checkpoint may be the training stage's models folder: its final.pt, else the lowest fold model.
 Mode images writes the frames themselves, resized to --size, scaled to [0, 1] and mean-subtracted.
-Guided models (STN on a guide map) also need --guide (the guide stage's HDF5 for these frames).
+Guided models (STN on a guide map) and collage models (patches, weighted) see their map or collage
+of every frame, made here from --landmarks (the landmarks stage's output for these frames) with the
+params.yaml `guides` section, as the guide stages make them for still images; or pass --guide.
 
 Standardization (--standardize, default on): outputs = (raw - mean) / std, per element, with mean and
 std stored in the file; a test file reuses a training file's statistics and class list with
@@ -21,7 +24,7 @@ from pathlib import Path
 from ferpipe.sequences.features import MODES, run_features
 
 DEFAULTS = {"mode": "cnn", "checkpoint": "", "backbone": "", "weights": "", "layer": "fc1",
-            "batch_size": 1024, "standardize": True, "stats_from": "", "size": 48, "guide": ""}
+            "batch_size": 1024, "standardize": True, "stats_from": "", "size": 48, "guide": "", "landmarks": ""}
 
 
 def section(params_path: str, *keys: str) -> dict:
@@ -47,13 +50,14 @@ def main(argv=None):
     p.add_argument("--metrics", default="metrics/features.json", help="counts and images/s (JSON, '' for none)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--mode", choices=MODES, help=f"cnn | images (default {DEFAULTS['mode']})")
-    p.add_argument("--checkpoint", help="CNN checkpoint of the training stage (.pt)")
+    p.add_argument("--checkpoint", help="CNN checkpoint of the training stage (.pt, or its models folder)")
     p.add_argument("--backbone", help="registry backbone instead of a checkpoint (e.g. resnet18)")
     p.add_argument("--weights", help="weights file for --backbone")
     p.add_argument("--layer", help=f"layer to dump (default {DEFAULTS['layer']})")
     p.add_argument("--batch-size", type=int, help=f"frames per forward pass (default {DEFAULTS['batch_size']}; "
                                                   "halved automatically on out-of-memory)")
-    p.add_argument("--guide", help="guide maps HDF5 for guided models")
+    p.add_argument("--guide", help="guide maps HDF5 for guided models (default: made from --landmarks)")
+    p.add_argument("--landmarks", help="landmarks HDF5 of these frames (for guided and collage models)")
     p.add_argument("--standardize", dest="standardize", action="store_true", default=None)
     p.add_argument("--no-standardize", dest="standardize", action="store_false")
     p.add_argument("--stats-from", help="reuse mean/std (and classes) of this features file (test files)")
@@ -68,7 +72,8 @@ def main(argv=None):
                               backbone=val["backbone"] or None, weights=val["weights"] or None, layer=val["layer"],
                               batch_size=int(val["batch_size"]), guide_h5=val["guide"] or None,
                               standardize=bool(val["standardize"]), stats_from=val["stats_from"] or None,
-                              size=int(val["size"]), metrics_path=a.metrics or None)
+                              size=int(val["size"]), metrics_path=a.metrics or None,
+                              landmarks_h5=val["landmarks"] or None, guide_params=section(a.params, "guides"))
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"features: {e}")
     print(result)

@@ -12,9 +12,17 @@ Relative image paths of CSV/list formats are joined to --root (default: the file
 Writes one packed HDF5 (images uint8 [N,size,size], ids; attrs with the class list), the manifest
 of kept rows (same order), the rejects table (every input not used, with the reason), count metrics
 and a contact sheet (a row of samples per class). Nothing is written if the dataset cannot be read.
-Params: ingest.size, ingest.workers (0 = every core); optional dataset.split/sort/ignore_missing.
+  ck_sequences CK+ frames/<sequence>/<frame>.png + labels.csv (options min_length, labels, frames)
+  video        one video per sequence + a labels CSV (options every, max_frames, min_length, labels)
+Params: ingest.size, ingest.workers (0 = every core). The dataset comes from the params section
+--section (default `dataset`; the sequence stages use `sequence.dataset`): format, path, root, and
+any option the format's reader takes (split, sort, ignore_missing, min_length, every, max_frames,
+labels, ...). -O KEY=VALUE sets a reader option on the command line; a key the format does not take
+is an error there and ignored in params (one dataset section may serve several formats).
 """
 import argparse
+
+import yaml
 
 from ferpipe.data.ingest import run_ingest
 from ferpipe.data.readers import READERS, reader_options
@@ -24,6 +32,7 @@ from ferpipe.params import load_params
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--section", default="dataset", help="params section of the dataset (dotted, e.g. sequence.dataset)")
     p.add_argument("--format", choices=sorted(READERS), help="override dataset.format")
     p.add_argument("--path", help="override dataset.path (a folder, CSV or list file)")
     p.add_argument("--root", help="override dataset.root (image root of CSV/list formats)")
@@ -32,6 +41,8 @@ def main(argv=None):
                    help="listfile: order by (seq_number, path) and renumber sequences")
     p.add_argument("--ignore-missing", action="store_true", default=None,
                    help="listfile: list absent images as rejects instead of failing")
+    p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a reader option (value parsed as YAML), e.g. -O min_length=3; repeatable")
     p.add_argument("--size", type=int, help="override ingest.size")
     p.add_argument("--workers", type=int, help="override ingest.workers (0 = every core)")
     p.add_argument("--out", default="data/ingest/images.h5", help="packed images (HDF5)")
@@ -43,18 +54,27 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     data = load_params(a.params)
-    ds, prm = data.get("dataset", {}), data.get("ingest", {})
-    fmt = a.format or ds["format"]
+    ds = data
+    for key in a.section.split("."):
+        ds = ds.get(key) if isinstance(ds, dict) else None
+    if not isinstance(ds, dict):
+        p.error(f"{a.params}: no section {a.section}")
+    prm = data.get("ingest", {})
+    fmt = a.format or ds.get("format")
+    if fmt not in READERS:
+        p.error(f"unknown dataset format {fmt!r}; known: {', '.join(sorted(READERS))}")
     allowed = reader_options(fmt)
-    options = {}
-    for key in ("split", "sort", "ignore_missing"):
-        cli = getattr(a, key)
-        if cli is not None:
-            if key not in allowed:
-                p.error(f"format {fmt} takes no --{key.replace('_', '-')} option")
-            options[key] = cli
-        elif ds.get(key) is not None and key in allowed:  # params keys that do not apply are ignored
-            options[key] = ds[key]
+    options = {key: ds[key] for key in allowed if ds.get(key) is not None}  # keys that do not apply: ignored
+    cli = {key: getattr(a, key) for key in ("split", "sort", "ignore_missing") if getattr(a, key) is not None}
+    for item in a.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            p.error(f"-O expects KEY=VALUE, got {item!r}")
+        cli[key.strip()] = yaml.safe_load(value)
+    for key, value in cli.items():
+        if key not in allowed:
+            p.error(f"format {fmt} takes no {key} option (it takes: {', '.join(allowed) or 'none'})")
+        options[key] = value
     result = run_ingest(
         fmt, a.path or ds["path"], a.root if a.root is not None else ds.get("root", ""),
         a.out, a.manifest, a.rejects, a.metrics, a.sheet or None,

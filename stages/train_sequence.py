@@ -44,7 +44,7 @@ def _bool(s: str) -> bool:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", default="data/sequences/features.h5", help="features HDF5 (features stage)")
-    p.add_argument("--model-out", default="models/sequence/model.pt", help="final model (.pt)")
+    p.add_argument("--model-out", default="data/sequences/model.pt", help="final model (.pt)")
     p.add_argument("--metrics", default="metrics/sequence.json")
     p.add_argument("--plots", default="plots/sequence", help="folder for confusion.png ('' for none)")
     p.add_argument("--predictions", default="data/sequences/predictions.csv", help="out-of-fold predictions ('' for none)")

@@ -111,7 +111,9 @@ def make_project(tmp: Path, **params) -> Project:
     (tmp / "dvc.lock").unlink(missing_ok=True)
     proj = Project(tmp)
     proj.run("git", "init", "-q")
-    proj.set_params(**{"demo.train_per_class": 16, "demo.test_per_class": 6, **params})
+    proj.set_params(**{"demo.train_per_class": 16, "demo.test_per_class": 6, "demo.sequences.per_class": 4,
+                       "demo.sequences.frames": 4, "sequence.train.epochs": 5, "sequence.lstm.hidden": 16,
+                       "sequence.cbm.hidden": 8, "sequence.cbm.depth": 5, **params})
     proj.commit("init")
     return proj
 

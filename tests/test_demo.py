@@ -161,3 +161,51 @@ def test_stage_cli_reads_params_and_overrides(tmp_path):
     assert m["images"]["train"]["total"] == 10 and m["images"]["test"]["total"] == 0
     assert Image.open(pngs(out / "train")[0]).size == (64, 64)
     assert all((out / "test" / c).is_dir() for c in CLASSES)
+
+
+# ------------------------------------------------------------------------------------------------ sequences
+
+def test_demo_sequences_ck_layout_read_by_the_ck_reader(tmp_path):
+    import pandas as pd
+    from ferpipe.data.readers import read_dataset
+    m = demo.make_demo_sequences(tmp_path / "s", seed=5, per_class=3, frames=4, size=48,
+                                 metrics_path=tmp_path / "m.json")
+    assert m["sequences"] == 12 and m["per_class"] == {c: 3 for c in demo.SEQUENCE_CLASSES}
+    assert json.loads((tmp_path / "m.json").read_text()) == m
+    labels = pd.read_csv(tmp_path / "s" / "labels.csv")
+    assert list(labels.columns) == ["sequence_id", "label", "frame_count", "subject"]
+    assert (labels["frame_count"] == 4).all() and labels["sequence_id"].str.match(r"S\d{3}_\d{3}$").all()
+    man, rej = read_dataset("ck_sequences", tmp_path / "s")
+    assert len(rej) == 0 and len(man) == 48 and man.groupby("sequence_id")["frame_index"].max().eq(3).all()
+    assert (man["subject"] == man["sequence_id"].str[:4]).all()
+    # onset neutral, apex expressed: the last frame differs from the first more than neighbours do
+    first, second, last = (cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).astype(float)
+                           for p in sorted((tmp_path / "s" / "frames" / labels["sequence_id"][0]).iterdir())[:2]
+                           + [sorted((tmp_path / "s" / "frames" / labels["sequence_id"][0]).iterdir())[-1]])
+    assert np.abs(last - first).mean() > np.abs(second - first).mean()
+
+
+def test_demo_sequences_same_seed_same_bytes_and_atomic(tmp_path):
+    kw = dict(per_class=1, frames=3, size=32)
+    demo.make_demo_sequences(tmp_path / "a", seed=1, **kw)
+    demo.make_demo_sequences(tmp_path / "b", seed=1, **kw)
+    a, b = pngs(tmp_path / "a"), pngs(tmp_path / "b")
+    assert len(a) == 12 and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    (tmp_path / "a" / "stale.txt").write_text("old")
+    demo.make_demo_sequences(tmp_path / "a", seed=2, **kw)
+    assert not (tmp_path / "a" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folder left
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        demo.make_demo_sequences(tmp_path / "c", frames=1)
+
+
+def test_stage_cli_sequences(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("demo:\n  seed: 3\n  train_per_class: 2\n  test_per_class: 1\n  size: 40\n"
+                      "  sequences: {per_class: 2, frames: 3}\n")
+    out, met = tmp_path / "seq", tmp_path / "m.json"
+    load_stage("demo").main(["--params", str(params), "--sequences", "--out", str(out), "--metrics", str(met),
+                             "--frames", "5"])
+    m = json.loads(met.read_text())
+    assert m["sequences"] == 8 and m["frames_per_sequence"] == 5 and m["size"] == 40
+    assert len(pngs(out)) == 40 and not (out / "train").exists()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -557,6 +559,40 @@ def test_stage_cli(tmp_path, capsys):
     assert sorted(p.name for p in o.iterdir()) == ["i.h5", "m.csv", "m.json", "r.csv"]  # --sheet '' 
     with pytest.raises(SystemExit):
         stage.main(["--params", str(params), "--sort"])  # folder format takes no --sort
+    with pytest.raises(SystemExit):
+        stage.main(["--params", str(params), "-O", "min_length=2"])  # nor -O min_length
+
+
+def test_stage_reads_a_dotted_section_and_reader_options(tmp_path, sequences_dir):
+    """The sequence stages' ingest: params section sequence.dataset, its reader options, -O on the CLI."""
+    import pandas as pd
+    labels = pd.read_csv(sequences_dir / "labels.csv").iloc[:6]
+    ck = tmp_path / "ck"
+    (ck / "frames").mkdir(parents=True)
+    labels.to_csv(ck / "labels.csv", index=False)
+    for seq in labels["sequence_id"]:
+        shutil.copytree(sequences_dir / "frames" / seq, ck / "frames" / seq)
+    (ck / "frames" / labels["sequence_id"][0] / sorted(os.listdir(ck / "frames" / labels["sequence_id"][0]))[0]).unlink()
+    params = tmp_path / "params.yaml"
+    params.write_text(f"dataset:\n  format: folder\n  path: nowhere\n"
+                      f"sequence:\n  dataset:\n    format: ck_sequences\n    path: {ck}\n    root: ''\n"
+                      f"    min_length: 4\n    every: 3\n"  # every: a video option, ignored for ck_sequences
+                      f"ingest:\n  size: 32\n  workers: 1\n")
+    o = tmp_path / "o"
+    args = ["--params", str(params), "--section", "sequence.dataset", "--out", str(o / "i.h5"), "--manifest",
+            str(o / "m.csv"), "--rejects", str(o / "r.csv"), "--metrics", str(o / "m.json"), "--sheet", "", "--quiet"]
+    stage = load_stage("ingest")
+    stage.main(args)
+    rej = pd.read_csv(o / "r.csv")
+    assert len(rej) == 1 and "too short: 3 frame(s) < min_length 4" in rej["reason"][0]   # from params
+    man = pd.read_csv(o / "m.csv")
+    assert man["sequence_id"].nunique() == 5 and read_h5(o / "i.h5")["images"].shape[1:] == (32, 32)
+    stage.main(args + ["-O", "min_length=1"])                                               # the CLI wins
+    assert pd.read_csv(o / "m.csv")["sequence_id"].nunique() == 6 and len(pd.read_csv(o / "r.csv")) == 0
+    with pytest.raises(SystemExit):
+        stage.main(args + ["-O", "every=2"])          # ck_sequences takes no `every`
+    with pytest.raises(SystemExit):
+        stage.main(args + ["--section", "sequence.nothing"])
 
 
 # ------------------------------------------------------------------------------------------------

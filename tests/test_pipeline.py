@@ -12,8 +12,6 @@ from ferpipe.store import read_h5
 from conftest import REPO, ran_stages
 
 NOT_DVC_STAGES = {"ensemble.py"}  # a command over several experiments' outputs, run by hand
-# issue 4 (open): stage CLIs written and tested, wired into dvc.yaml once the demo has sequences
-NOT_YET_WIRED = {"features.py", "train_sequence.py"}
 PREPROCESS = ["demo", "ingest", "gray48", "landmarks", "split"] + [
     f"guide_{k}" for k in ("landmarks", "soft", "dilation", "patches", "weighted", "saliency")]
 
@@ -76,7 +74,7 @@ def test_every_stage_explains_itself():
         assert "usage:" in res.stdout and len(res.stdout.splitlines()) > 8, script
     listed = " ".join(str(s.get("cmd", s.get("do", {}).get("cmd"))) for s in dvc_yaml["stages"].values())
     for script in scripts:
-        if script.name in NOT_DVC_STAGES | NOT_YET_WIRED:
+        if script.name in NOT_DVC_STAGES:
             continue
         assert f"stages/{script.name}" in listed, f"{script.name} is not a stage in dvc.yaml"
 

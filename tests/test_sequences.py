@@ -6,7 +6,6 @@ The real-data tests read ../shared/data/sequences (the `sequences_dir` fixture s
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import cv2
@@ -28,7 +27,7 @@ from ferpipe.sequences.models import (CBMCell, CBMNet, LSTMNet, build_sequence_m
 from ferpipe.sequences.train import (SequenceConfig, SequenceData, cross_validate, load_sequences,
                                      make_samples, sequence_folds)
 from ferpipe.store import read_h5, write_h5
-from ferpipe.train.checkpoint import save_checkpoint
+from ferpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from conftest import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,6 +294,51 @@ def test_features_use_the_training_input_spec_and_guides(tmp_path):
     run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "g.h5", checkpoint=tmp_path / "stn.pt",
                  guide_h5=tmp_path / "guide.h5", layer="flatten", standardize=False)
     assert read_h5(tmp_path / "g.h5")["outputs"].shape == (6, 810, 1, 1)
+
+
+def test_features_make_guides_and_collages_from_the_frames_landmarks(tmp_path):
+    from ferpipe.guides.maps import make_guide
+    from ferpipe.sequences.features import resolve_checkpoint
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 255, (4, 48, 48), dtype=np.uint8)
+    lm = (0.3 + 0.4 * rng.random((4, 68, 2))).astype(np.float32)
+    ids = np.array([f"s{i // 2}/{i % 2}" for i in range(4)])
+    write_h5(tmp_path / "images.h5", {"images": imgs, "ids": ids})
+    write_h5(tmp_path / "lm.h5", {"landmarks": lm, "found": np.ones(4, bool), "ids": ids})
+    soft = {"mode": "threshold", "threshold": 50, "low": 100, "sigma": 1.0}
+    write_h5(tmp_path / "soft.h5", {"images": make_guide("soft", imgs, lm, **soft), "ids": ids})
+    pd.DataFrame({"id": ids, "source": ids, "split": "train", "label_name": "happy", "sequence_id": [i[:2] for i in ids],
+                  "frame_index": [int(i[-1]) for i in ids], "subject": ""}).to_csv(tmp_path / "m.csv", index=False)
+    torch.manual_seed(0)
+    models = tmp_path / "models"
+    models.mkdir()
+    for name, fname in (("soft", "fold0.pt"), ("patches", "fold1.pt")):
+        save_checkpoint(models / fname, build_model(name, 3).eval(), name, ["a", "b", "c"])
+    assert resolve_checkpoint(models) == models / "fold0.pt"       # no final.pt: the lowest fold
+    kw = dict(layer="logits", standardize=False)
+    # guided STN: its soft map made from the landmarks with the guides params = the guide file's map
+    run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "a.h5", checkpoint=models,
+                 landmarks_h5=tmp_path / "lm.h5", guide_params={"soft": soft}, **kw)
+    run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "b.h5", checkpoint=models / "fold0.pt",
+                 guide_h5=tmp_path / "soft.h5", **kw)
+    assert np.array_equal(read_h5(tmp_path / "a.h5")["outputs"], read_h5(tmp_path / "b.h5")["outputs"])
+    # collage model (patches): the network sees the collage, not the frame
+    run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "c.h5", checkpoint=models / "fold1.pt",
+                 landmarks_h5=tmp_path / "lm.h5", **kw)
+    net, _ = load_checkpoint(models / "fold1.pt")
+    collage = torch.from_numpy(make_guide("patches", imgs, lm)).float()[:, None] / 255
+    guide = torch.from_numpy(make_guide("landmarks", imgs, lm)).float()[:, None] / 255
+    with torch.no_grad():
+        expect = net.eval()(collage, guide).numpy()
+    assert np.allclose(read_h5(tmp_path / "c.h5")["outputs"][:, :, 0, 0], expect, atol=1e-5)
+    write_h5(tmp_path / "lm_other.h5", {"landmarks": lm, "found": np.ones(4, bool), "ids": ids[::-1].copy()})
+    with pytest.raises(FeatureError, match="ids differ"):
+        run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "d.h5", checkpoint=models,
+                     landmarks_h5=tmp_path / "lm_other.h5", **kw)
+    (models / "fold0.pt").unlink()
+    (models / "fold1.pt").unlink()
+    with pytest.raises(FeatureError, match="no final.pt"):
+        resolve_checkpoint(models)
 
 
 def test_features_order_and_regression_labels(tmp_path, tiny_cnn):
@@ -597,7 +641,8 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     assert set(m["mean"]) >= {"accuracy", "macro_f1", "auc"} and set(m["std"]) >= {"accuracy"}
     assert set(m["by_first_k"]) == {"k1", "k2", "k3", "k4"}
     assert m["mean"]["accuracy"] > 0.3  # above the majority class (65/262 = 0.25) even from random-CNN features
-    assert (w / "plots/confusion.png").stat().st_size > 1000 and (w / "live/metrics.json").exists()
+    assert (w / "plots/confusion.png").stat().st_size > 1000
+    assert (w / "live/plots/metrics/fold0/val_loss.tsv").exists() and not (w / "live/metrics.json").exists()
     pred = pd.read_csv(w / "pred.csv")
     assert len(pred) == 262 and pred.groupby("subject")["fold"].nunique().max() == 1
     model, info = load_sequence_model(w / "seq.pt")
@@ -610,100 +655,3 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     # a short window longer than every sequence is a clear error
     with pytest.raises(SystemExit, match="no test sample|empty training"):
         load_stage("train_sequence").main(args + ["--rho", "5", "--no-final"])
-
-
-# ------------------------------------------------------------------------------------------------
-# DVC: the proposed stages (ingest/gray48 of sequences, features, train_sequence) on a copy of the project
-
-SEQUENCE_PARAMS = {
-    "dataset": {"format": "ck_sequences", "path": "ck"},
-    "features": {"mode": "cnn", "checkpoint": "models/cnn.pt", "layer": "logits", "batch_size": 1024,
-                 "standardize": True},
-    "model": "lstm", "task": "classify", "rho": 0, "folds": 3,
-    "lstm": {"hidden": 32, "depth": 1, "dropout": 0.5},
-    "cbm": {"hidden": 8, "depth": 5, "shortcut": 5, "temporal_dropout": 0.3, "dropout": 0.5},
-    "train": {"epochs": 3, "patience": 2, "seed": 2020, "final": True},
-    "anticipation": {"first": 0, "weight": 1.0},
-}
-SEQ_LIB = ["src/ferpipe/sequences/train.py", "src/ferpipe/sequences/models.py", "src/ferpipe/sequences/anticipation.py",
-           "src/ferpipe/sequences/features.py"]
-SEQUENCE_STAGES = {
-    "ingest_sequences": {
-        "cmd": "python stages/ingest.py --format ${sequence.dataset.format} --path ${sequence.dataset.path} "
-               "--out data/sequences/ingest/images.h5 --manifest data/sequences/ingest/manifest.csv "
-               "--rejects data/sequences/ingest/rejects.csv --metrics metrics/ingest_sequences.json "
-               "--sheet plots/sheets/ingest_sequences.png --quiet",
-        "deps": ["stages/ingest.py", "src/ferpipe/data/ingest.py", "src/ferpipe/data/readers.py",
-                 "src/ferpipe/data/sequences.py", "src/ferpipe/data/decode.py", "${sequence.dataset.path}"],
-        "params": ["sequence.dataset", "ingest"],
-        "outs": ["data/sequences/ingest/images.h5", "data/sequences/ingest/manifest.csv",
-                 "data/sequences/ingest/rejects.csv"],
-        "metrics": [{"metrics/ingest_sequences.json": {"cache": False}}],
-        "plots": [{"plots/sheets/ingest_sequences.png": {"cache": False}}]},
-    "gray48_sequences": {
-        "cmd": "python stages/gray48.py --images data/sequences/ingest/images.h5 --out data/sequences/gray48/images.h5 "
-               "--sheet plots/sheets/gray48_sequences.png",
-        "deps": ["stages/gray48.py", "src/ferpipe/data/gray.py", "data/sequences/ingest/images.h5"],
-        "params": ["gray48"],
-        "outs": ["data/sequences/gray48/images.h5"],
-        "plots": [{"plots/sheets/gray48_sequences.png": {"cache": False}}]},
-    # stands in for the image training stage: a CNN checkpoint that changes with the `model` param
-    "cnn": {"cmd": "python make_cnn.py", "deps": ["make_cnn.py"], "params": ["model"], "outs": ["models/cnn.pt"]},
-    "features": {
-        "cmd": "python stages/features.py",
-        "deps": ["stages/features.py", "src/ferpipe/sequences/features.py", "data/sequences/gray48/images.h5",
-                 "data/sequences/ingest/manifest.csv", "${sequence.features.checkpoint}"],
-        "params": ["sequence.features"],
-        "outs": ["data/sequences/features.h5"],
-        "metrics": [{"metrics/features.json": {"cache": False}}]},
-    "train_sequence": {
-        "cmd": "python stages/train_sequence.py",
-        "deps": ["stages/train_sequence.py", *SEQ_LIB, "data/sequences/features.h5"],
-        "params": [f"sequence.{k}" for k in ("model", "task", "rho", "folds", "lstm", "cbm", "train", "anticipation")],
-        "outs": ["models/sequence/model.pt", "data/sequences/predictions.csv"],
-        "metrics": [{"metrics/sequence.json": {"cache": False}}],
-        "plots": [{"plots/sequence/confusion.png": {"cache": False}}, {"dvclive/sequence/plots": {"cache": False}}]},
-}
-MAKE_CNN = """import torch, yaml
-from ferpipe.models import build_model
-from ferpipe.train.checkpoint import save_checkpoint
-name = yaml.safe_load(open("params.yaml"))["model"]
-torch.manual_seed(0)
-save_checkpoint("models/cnn.pt", build_model(name, 7), name, [f"c{i}" for i in range(7)])
-"""
-
-
-@pytest.mark.slow
-def test_dvc_sequence_stages(sequences_dir, tmp_path):
-    import yaml
-    from conftest import make_project, ran_stages
-    proj = make_project(tmp_path / "p")
-    root = proj.root
-    labels = pd.read_csv(sequences_dir / "labels.csv").iloc[:40]
-    (root / "ck" / "frames").mkdir(parents=True)
-    labels.to_csv(root / "ck" / "labels.csv", index=False)
-    for seq in labels["sequence_id"]:
-        shutil.copytree(sequences_dir / "frames" / seq, root / "ck" / "frames" / seq)
-    (root / "make_cnn.py").write_text(MAKE_CNN)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["sequence"] = SEQUENCE_PARAMS
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": SEQUENCE_STAGES}, sort_keys=False))
-    proj.commit("sequence pipeline")
-    first = ran_stages(proj.dvc("repro"))
-    assert first == ["ingest_sequences", "gray48_sequences", "cnn", "features", "train_sequence"], first
-    m = json.loads((root / "metrics/sequence.json").read_text())
-    assert m["sequences"] == 40 and m["model"] == "lstm" and len(m["per_fold"]) == 3
-    assert ran_stages(proj.dvc("repro")) == []
-    proj.commit("repro")
-    # an LSTM param reruns only train_sequence
-    proj.set_params(**{"sequence.lstm.hidden": 16})
-    assert ran_stages(proj.dvc("repro")) == ["train_sequence"]
-    # another CNN reruns the CNN, features and what follows, never the frames
-    proj.set_params(**{"model": "original"})
-    assert ran_stages(proj.dvc("repro")) == ["cnn", "features", "train_sequence"]
-    proj.commit("original cnn")
-    # dvc exp run -S sequence.model=cbm
-    out = proj.dvc("exp", "run", "-S", "sequence.model=cbm")
-    assert ran_stages(out) == ["train_sequence"], out
-    assert json.loads((root / "metrics/sequence.json").read_text())["model"] == "cbm"

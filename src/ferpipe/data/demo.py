@@ -360,10 +360,23 @@ def _shade(size: int, q: np.ndarray, cls: str, strength: float) -> tuple[np.ndar
     return dark, teeth
 
 
-def render(t: Template, cls: str, size: int, rng: np.random.Generator,
-           weights: np.ndarray | None = None) -> np.ndarray:
-    """One uint8 [size, size] image of template t showing class cls, with random jitter from rng."""
-    # every draw happens here, in this order, whatever the class: reproducible per seed
+@dataclass
+class Look:
+    """Everything random about one rendered image (see draw_look)."""
+    strength: float
+    angle: float
+    scale: float
+    shift: np.ndarray
+    contrast: float
+    brightness: float
+    gamma: float
+    noise_sd: float
+    flip: bool
+    noise: np.ndarray
+
+
+def draw_look(size: int, rng: np.random.Generator) -> Look:
+    """Every random draw of one image, in a fixed order whatever the class: reproducible per seed."""
     strength = rng.uniform(0.75, MAX_STRENGTH)
     angle = np.deg2rad(rng.uniform(-10, 10))
     scale = rng.uniform(0.9, 1.1)
@@ -374,6 +387,20 @@ def render(t: Template, cls: str, size: int, rng: np.random.Generator,
     noise_sd = rng.uniform(0.0, 0.03)
     flip = rng.random() < 0.5
     noise = rng.standard_normal((size, size)).astype(np.float32)
+    return Look(strength, angle, scale, shift, contrast, brightness, gamma, noise_sd, flip, noise)
+
+
+def render(t: Template, cls: str, size: int, rng: np.random.Generator,
+           weights: np.ndarray | None = None) -> np.ndarray:
+    """One uint8 [size, size] image of template t showing class cls, with random jitter from rng."""
+    return compose(t, cls, size, draw_look(size, rng), weights)
+
+
+def compose(t: Template, cls: str, size: int, look: Look, weights: np.ndarray | None = None) -> np.ndarray:
+    """Template t warped to class cls at look.strength (0 = neutral), posed and shaded as `look` says."""
+    strength, angle, scale, shift = look.strength, look.angle, look.scale, look.shift
+    contrast, brightness, gamma, noise_sd, flip, noise = (look.contrast, look.brightness, look.gamma,
+                                                          look.noise_sd, look.flip, look.noise)
 
     # jitter J: canonical unit coords -> output unit coords, about the image centre
     c, s = np.cos(angle) * scale, np.sin(angle) * scale
@@ -500,6 +527,16 @@ def _wrap(text: str, width: int = 100) -> str:
     return "\n\n".join(body) + "\n"
 
 
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Put the finished temp folder in place of out_dir (whatever was there)."""
+    tmp.chmod(0o755)  # mkdtemp makes it 0700
+    if out_dir.is_symlink() or out_dir.is_file():
+        out_dir.unlink()
+    elif out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
 def make_demo(out_dir: str | os.PathLike, seed: int = 2020, train_per_class: int = 80, test_per_class: int = 20,
               size: int = 96, metrics_path: str | os.PathLike | None = None) -> dict:
     """Write the demo dataset to out_dir (replacing any old one atomically) and return its metrics.
@@ -541,12 +578,7 @@ def make_demo(out_dir: str | os.PathLike, seed: int = 2020, train_per_class: int
             n_ids=len(templates), n_train_ids=len(used["train"]), n_test_ids=len(used["test"]),
             no_face=", ".join(report["no_face"]) or "none", open_mouth=", ".join(report["open_mouth"]) or "none",
             rate=rate)))
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        if out_dir.is_symlink() or out_dir.is_file():
-            out_dir.unlink()
-        elif out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -577,3 +609,101 @@ def make_demo(out_dir: str | os.PathLike, seed: int = 2020, train_per_class: int
     if metrics_path:
         write_json(metrics_path, metrics)
     return {**metrics, "seconds": round(seconds, 2)}
+
+
+# ------------------------------------------------------------------------------------- sequences
+SEQUENCE_CLASSES = ("happy", "sad", "surprise", "angry")  # each sequence starts neutral, like CK+
+
+
+def generate_sequences(seed: int = 2020, per_class: int = 12, frames: int = 6, size: int = 96):
+    """Yield (sequence_id, subject, class, frame number, uint8 image) in a fixed order.
+
+    A sequence is one identity and one pose/photometry (``draw_look``) going from neutral (strength
+    0) to its apex strength along a smoothstep, with fresh sensor noise and a small head drift per
+    frame: the CK+ onset-to-apex layout. Ids are CK+-like, ``S<identity>_<n>``, so the subject is
+    the identity and folds can keep subjects apart.
+    """
+    if frames < 2:
+        raise ValueError(f"a sequence needs at least 2 frames, got {frames}")
+    templates, _ = load_templates()
+    if not templates:
+        raise RuntimeError("dlib found no usable face in the packaged images")
+    rng = np.random.default_rng(seed)
+    per_subject: dict[int, int] = {}
+    fields_: dict[tuple[int, str], np.ndarray] = {}
+    for cls in SEQUENCE_CLASSES:
+        reps = -(-per_class // len(templates))
+        picks = np.concatenate([rng.permutation(len(templates)) for _ in range(reps)])[:per_class] if per_class else []
+        for k in picks:
+            k = int(k)
+            per_subject[k] = per_subject.get(k, 0) + 1
+            sid = f"S{k:03d}_{per_subject[k]:03d}"
+            if (k, cls) not in fields_:
+                pts = templates[k].points
+                fields_[k, cls] = rbf_weights(pts, expression_targets(cls, pts))
+            look = draw_look(size, rng)
+            apex = look.strength
+            for f in range(frames):
+                u = f / (frames - 1)
+                look.strength = apex * u * u * (3 - 2 * u)
+                look.noise = rng.standard_normal((size, size)).astype(np.float32)
+                look.shift = look.shift + rng.uniform(-0.005, 0.005, 2)
+                yield sid, f"S{k:03d}", cls, f + 1, compose(templates[k], cls, size, look, fields_[k, cls])
+
+
+def make_demo_sequences(out_dir: str | os.PathLike, seed: int = 2020, per_class: int = 12, frames: int = 6,
+                        size: int = 96, metrics_path: str | os.PathLike | None = None) -> dict:
+    """Write demo sequences in the CK+ layout of ../shared/data/sequences (replacing out_dir atomically):
+    ``frames/<sequence>/<sequence>_<frame:08d>.png`` and ``labels.csv`` (sequence_id, label,
+    frame_count, subject). Returns (and writes to metrics_path) counts per class and subjects."""
+    if size < 16:
+        raise ValueError(f"size {size} is too small for a face")
+    if per_class < 1:
+        raise ValueError("sequences per class must be >= 1")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    rows: dict[str, dict] = {}
+    try:
+        for sid, subject, cls, number, img in generate_sequences(seed, per_class, frames, size):
+            folder = tmp / "frames" / sid
+            folder.mkdir(parents=True, exist_ok=True)
+            ok, buf = cv2.imencode(".png", img)
+            if not ok:
+                raise RuntimeError(f"could not encode {sid} frame {number}")
+            (folder / f"{sid}_{number:08d}.png").write_bytes(buf.tobytes())
+            row = rows.setdefault(sid, {"sequence_id": sid, "label": cls, "frame_count": 0, "subject": subject})
+            row["frame_count"] += 1
+        lines = ["sequence_id,label,frame_count,subject"] + [
+            f"{r['sequence_id']},{r['label']},{r['frame_count']},{r['subject']}" for r in sorted(rows.values(), key=lambda r: r["sequence_id"])]
+        (tmp / "labels.csv").write_text("\n".join(lines) + "\n")
+        (tmp / "README.txt").write_text(_wrap(SEQUENCE_README.format(
+            seed=seed, per_class=per_class, frames=frames, size=size, classes=", ".join(SEQUENCE_CLASSES))))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    metrics = {"seed": seed, "size": size, "frames_per_sequence": frames, "sequences": len(rows),
+               "per_class": {c: sum(r["label"] == c for r in rows.values()) for c in SEQUENCE_CLASSES},
+               "subjects": len({r["subject"] for r in rows.values()})}
+    if metrics_path:
+        write_json(metrics_path, metrics)
+    return metrics
+
+
+SEQUENCE_README = """\
+ferpipe demo sequences (generated, not real data)
+=================================================
+
+Made by `python stages/demo.py --sequences` (ferpipe.data.demo.make_demo_sequences) with seed={seed},
+per_class={per_class}, frames={frames}, size={size}. The same parameters give byte-identical files.
+
+Layout: the CK+ layout of ferpipe's sequence readers (format ck_sequences):
+frames/<sequence>/<sequence>_<frame>.png and labels.csv (sequence_id,label,frame_count,subject).
+Classes: {classes}. Sequence ids are S<identity>_<n>: the subject is the identity.
+
+Each sequence is one face of the image demo (same templates and expression warps) going from neutral
+to its apex expression along a smoothstep, with one pose and photometry per sequence, fresh noise and
+a small head drift per frame. It exists so the sequence stages run on a fresh machine; numbers
+measured on it say nothing about real facial expression recognition.
+"""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -100,6 +101,57 @@ def load_frames(images_h5, manifest_csv, guide_h5=None):
 
 # ---------------------------------------------------------------------------------------------
 # the CNN and its layer
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or the training stage's models folder: its final.pt if there is one, else
+    the lowest-numbered fold model (fold0.pt with every fold trained)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "final.pt").is_file():
+            return path / "final.pt"
+        folds = sorted(path.glob("fold*.pt"), key=lambda p: (len(p.stem), p.stem))
+        if not folds:
+            raise FeatureError(f"{path}: no final.pt or fold<k>.pt (run the train stage first)")
+        return folds[0]
+    if not path.is_file():
+        raise FeatureError(f"{path}: checkpoint not found")
+    return path
+
+
+def load_landmarks(landmarks_h5, ids: np.ndarray) -> np.ndarray:
+    """Normalized landmarks [N, 68, 2] of the landmarks stage, checked row by row against ids."""
+    d = read_h5(landmarks_h5, ["landmarks", "ids"])
+    if not np.array_equal(d["ids"].astype(str), ids):
+        raise FeatureError(f"{landmarks_h5}: ids differ from the frames (make both from the same ingest)")
+    return d["landmarks"]
+
+
+def model_inputs(model_name: str, images: np.ndarray, guide: np.ndarray | None, landmarks: np.ndarray | None,
+                 guide_params: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(image, guide) the registry model `model_name` was trained on, for these gray48 frames.
+
+    Models trained on a collage (patches, weighted) see that collage; guided STNs see their guide
+    map. Both are made here from the frames' landmarks with the guides params, exactly as the guide
+    stages make them for still images, unless a guide file was given.
+    """
+    from ferpipe.guides.maps import make_guide
+    from ferpipe.models import MODEL_SPECS
+    spec = MODEL_SPECS.get(model_name)
+    if spec is None:
+        return images, guide
+    prm = guide_params or {}
+
+    def build(kind: str) -> np.ndarray:
+        if landmarks is None and kind != "saliency":
+            raise FeatureError(f"model {model_name!r} needs the {kind} map of every frame: pass the frames' "
+                               "landmarks (landmarks stage output) or a guide file")
+        return make_guide(kind, images, landmarks, **(prm.get(kind) or {}))
+
+    net_images = images if spec["image"] == "gray48" else build(spec["image"])
+    if spec["guide"] and guide is None:
+        guide = build(spec["guide"])
+    return net_images, (guide if spec["guide"] else None)
+
 
 def load_cnn(checkpoint=None, backbone: str | None = None, weights: str | None = None,
              num_classes: int = 1000) -> tuple[nn.Module, dict]:
@@ -251,16 +303,18 @@ def frame_labels(manifest: pd.DataFrame, classes: list[str] | None = None) -> tu
 def run_features(images_h5, manifest_csv, out_h5, mode: str = "cnn", checkpoint=None,
                  backbone: str | None = None, weights: str | None = None, layer: str = "fc1",
                  batch_size: int = 1024, guide_h5=None, standardize: bool = True, stats_from=None,
-                 size: int = 48, metrics_path=None) -> dict:
+                 size: int = 48, metrics_path=None, landmarks_h5=None, guide_params: dict | None = None) -> dict:
     """Write the features HDF5 (layout in the module docstring); return counts and speed."""
     if mode not in MODES:
         raise FeatureError(f"features mode must be one of {MODES}, got {mode!r}")
     t0 = time.perf_counter()
     images, manifest, guide = load_frames(images_h5, manifest_csv, guide_h5)
+    landmarks = load_landmarks(landmarks_h5, manifest["id"].astype(str).to_numpy()) if landmarks_h5 else None
     order, seq_number = sequence_order(manifest)
     manifest = manifest.iloc[order].reset_index(drop=True)
     images = images[order]
     guide = guide[order] if guide is not None else None
+    landmarks = landmarks[order] if landmarks is not None else None
     ref = read_h5(stats_from) if stats_from else None
     ref_attrs = read_attrs(stats_from) if stats_from else {}
 
@@ -269,12 +323,11 @@ def run_features(images_h5, manifest_csv, out_h5, mode: str = "cnn", checkpoint=
     if mode == "images":
         outputs = (resize_batch(images, size).astype(np.float32) / 255.0)[:, None]
     else:
+        if checkpoint:
+            checkpoint = resolve_checkpoint(checkpoint)
         model, info = load_cnn(checkpoint, backbone, weights)
-        from ferpipe.models import MODEL_SPECS
-        needs = MODEL_SPECS.get(info.get("model"), {}).get("guide")
-        if needs and guide is None:
-            raise FeatureError(f"model {info.get('model')!r} needs its guide map ({needs}): pass guide_h5")
-        outputs = run_cnn(model, images, layer, batch_size, guide if needs else None, info.get("meta"))
+        net_images, guide = model_inputs(info.get("model"), images, guide, landmarks, guide_params)
+        outputs = run_cnn(model, net_images, layer, batch_size, guide, info.get("meta"))
     cnn_seconds = time.perf_counter() - t1
 
     labels, classes, regression = frame_labels(manifest, (ref_attrs.get("classes") or None) if ref is not None else None)
@@ -337,5 +390,5 @@ def read_features(path) -> dict:
 
 
 __all__ = ["MODES", "FeatureError", "LayerTap", "as_nchw", "compute_stats", "frame_labels", "load_cnn",
-           "load_frames", "make_input", "read_features", "read_manifest", "run_cnn", "run_features", "sequence_order",
+           "load_frames", "load_landmarks", "make_input", "model_inputs", "resolve_checkpoint", "read_features", "read_manifest", "run_cnn", "run_features", "sequence_order",
            "to_input"]

@@ -594,7 +594,7 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
     live = None
     if live_dir:
         from dvclive import Live
-        live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None)
+        live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
     try:
         cv = cross_validate(data, cfg, live, progress)
         final_info = {}
@@ -606,6 +606,9 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
     finally:
         if live is not None:
             live.end()
+            # dvclive's summary repeats metrics/sequence.json, and inside a dvc.yaml plots folder DVC
+            # would try (and fail) to read it as a plot; the curves are plots/metrics/**.tsv
+            Path(live_dir, "metrics.json").unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     metrics = {"model": cfg.model, "task": cfg.task, "folds": cfg.folds, "rho": cfg.rho,
                "anticipation_first": cfg.anticipation_first, "subject_independent": cv["subject_independent"],
