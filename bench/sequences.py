@@ -9,7 +9,11 @@ Steps (each cached in --out; run all, or name some):
              the single-frame apex CNN (last frame only) vs sequence models, with training time;
              accuracy after the first k frames for the sequence models (anticipation)
 
-    .venv/bin/python bench/sequences.py [steps ...] [--out /tmp/ferpipe-bench-seq] [--threads 1]
+--cnn CHECKPOINT uses another FER-2013 CNN for the frozen-feature rows (e.g. the train stage's
+models/fold0.pt of `dvc exp run -S task=classes -S model=vgg`): `features` then dumps its "flatten"
+layer (the classifier's input) to features_<name>_flatten.h5, and the rows named "frozen CNN" use it.
+
+    .venv/bin/python bench/sequences.py [steps ...] [--out /tmp/ferpipe-bench-seq] [--threads 1] [--cnn PT]
 """
 import argparse
 import json
@@ -114,6 +118,14 @@ def pretrain(out: Path, epochs: int, seed: int = 2020):
     return path
 
 
+def cnn_features(out: Path, cnn: Path) -> Path:
+    """The --cnn checkpoint's flatten layer over the CK+ frames (cached per checkpoint file name)."""
+    path = out / f"features_{cnn.parent.parent.name}_{cnn.stem}_flatten.h5"
+    m = run_features(out / "gray48/images.h5", out / "ingest/manifest.csv", path, checkpoint=cnn, layer="flatten")
+    print(f"features: {cnn} flatten -> {path.name}: {m['shape']}, {m['images_per_s']} frames/s")
+    return path
+
+
 def features(out: Path, ckpt: Path, layers=("fc1", "dropout")):
     rows = []
     for layer in layers:
@@ -157,10 +169,15 @@ COMPARE = {
         model="cbm", encoder="simple_fc", augment=True, encoder_init="FER")),
     "CBM-15 end-to-end (simple encoder, FER init, 16 ch)": ("images", dict(model="cbm", encoder="simple", augment=True,
                                                                             encoder_init="FER", cbm={"hidden": 16})),
+    # rows on the --cnn checkpoint's features (the classifier's input, e.g. 192-d for vgg)
+    "apex frame on frozen CNN features (frame model, last frame)": ("cnn", dict(model="frame", max_len=1)),
+    "LSTM on frozen CNN features": ("cnn", dict(model="lstm")),
+    "LSTM on frozen CNN features, anticipation loss": ("cnn", dict(model="lstm", anticipation_first=4)),
+    "CBM-15 on frozen CNN features": ("cnn", dict(model="cbm")),
 }
 
 
-def compare(out: Path, ckpt: Path, names, epochs: int, patience: int, folds: int):
+def compare(out: Path, ckpt: Path, names, epochs: int, patience: int, folds: int, cnn: Path | None = None):
     rows = []
     for name in names:
         feat, over = COMPARE[name]
@@ -168,7 +185,14 @@ def compare(out: Path, ckpt: Path, names, epochs: int, patience: int, folds: int
         if over.get("encoder_init") == "FER":
             over["encoder_init"] = str(ckpt)
         cfg = SequenceConfig.from_params({}, folds=folds, epochs=epochs, patience=patience, **over)
-        data = load_sequences(out / f"features_{feat}.h5", "classify")
+        if feat == "cnn":
+            if cnn is None:
+                print(f"{name}: skipped (needs --cnn)")
+                continue
+            path = out / f"features_{cnn.parent.parent.name}_{cnn.stem}_flatten.h5"
+        else:
+            path = out / f"features_{feat}.h5"
+        data = load_sequences(path, "classify")
         t0 = time.perf_counter()
         cv = cross_validate(data, cfg, progress=lambda s: print(f"  {name}: {s}", flush=True))
         dt = time.perf_counter() - t0
@@ -177,7 +201,7 @@ def compare(out: Path, ckpt: Path, names, epochs: int, patience: int, folds: int
                      " / ".join(f"{v['mean']:.3f}" for v in k.values()), dt))
         print(f"{name}: {cv['mean']['accuracy']:.4f} +- {cv['std']['accuracy']:.4f} ({dt:.0f} s)", flush=True)
         with open(out / "compare.jsonl", "a") as f:
-            f.write(json.dumps({"name": name, "cnn": ckpt.name, "mean": cv["mean"], "std": cv["std"], "pooled": cv["pooled"],
+            f.write(json.dumps({"name": name, "cnn": str(cnn) if feat == "cnn" else ckpt.name, "mean": cv["mean"], "std": cv["std"], "pooled": cv["pooled"],
                                 "by_first_k": k, "seconds": dt, "epochs": epochs, "patience": patience}) + "\n")
     print(f"\nCK+ 262 sequences, {folds}-fold subject-independent (same folds), max {epochs} epochs, patience {patience}, "
           f"FER CNN {ckpt.name}")
@@ -197,6 +221,7 @@ def main():
     p.add_argument("--patience", type=int, default=30)
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--only", nargs="*", help="compare: names (substrings) of the rows to run")
+    p.add_argument("--cnn", type=Path, help="another CNN checkpoint for the 'frozen CNN' rows (see above)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -207,10 +232,13 @@ def main():
     if "pretrain" in a.steps:
         ckpt = pretrain(out, a.pretrain_epochs)
     if "features" in a.steps:
-        features(out, ckpt)
+        if a.cnn:
+            cnn_features(out, a.cnn)
+        else:
+            features(out, ckpt)
     if "compare" in a.steps:
         names = [n for n in COMPARE if not a.only or any(s.lower() in n.lower() for s in a.only)]
-        compare(out, ckpt, names, a.epochs, a.patience, a.folds)
+        compare(out, ckpt, names, a.epochs, a.patience, a.folds, a.cnn)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,24 @@ def test_lock_hashes_match_artifacts(demo_project):
     images = read_h5(demo_project.root / "data/gray48/images.h5")
     ingest = read_h5(demo_project.root / "data/ingest/images.h5")
     np.testing.assert_array_equal(images["ids"], ingest["ids"])
+
+
+def test_dict_valued_leaf_param_is_tracked_by_value(tmp_path):
+    """train.model_kwargs is a leaf key whose value is a dict: DVC (the pinned version) must rerun on a
+    changed value and restore from the run cache only the output made with the same value."""
+    from conftest import Project
+    proj = Project(tmp_path)
+    proj.run("git", "init", "-q")
+    proj.dvc("init", "-q")
+    (tmp_path / "params.yaml").write_text("train:\n  model_kwargs: {}\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: python -c \"import yaml; print(yaml.safe_load(open('params.yaml')))\" > out.txt\n"
+        "    params:\n      - train.model_kwargs\n    outs:\n      - out.txt\n")
+    seen = []
+    for kw in ({}, {"in_size": 96}, {"in_size": 64}, {"in_size": 96}, {}):
+        proj.set_params(**{"train.model_kwargs": kw})
+        out = proj.dvc("repro")
+        seen.append(("ran" if ran_stages(out) else "restored" if "skipping run" in out else "?",
+                     yaml.safe_load((tmp_path / "out.txt").read_text())["train"]["model_kwargs"]))
+    assert seen == [("ran", {}), ("ran", {"in_size": 96}), ("ran", {"in_size": 64}),
+                    ("restored", {"in_size": 96}), ("restored", {})], seen
