@@ -312,9 +312,9 @@ def test_features_make_guides_and_collages_from_the_frames_landmarks(tmp_path):
     torch.manual_seed(0)
     models = tmp_path / "models"
     models.mkdir()
-    for name, fname in (("soft", "fold0.pt"), ("patches", "fold1.pt")):
-        save_checkpoint(models / fname, build_model(name, 3).eval(), name, ["a", "b", "c"])
-    assert resolve_checkpoint(models) == models / "fold0.pt"       # no final.pt: the lowest fold
+    for name, fname, acc in (("soft", "fold0.pt", 0.8), ("patches", "fold1.pt", 0.7)):
+        save_checkpoint(models / fname, build_model(name, 3).eval(), name, ["a", "b", "c"], meta={"val_acc": acc})
+    assert resolve_checkpoint(models) == models / "fold0.pt"       # no final.pt: the best validation fold
     kw = dict(layer="logits", standardize=False)
     # guided STN: its soft map made from the landmarks with the guides params = the guide file's map
     run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "a.h5", checkpoint=models,
@@ -335,8 +335,12 @@ def test_features_make_guides_and_collages_from_the_frames_landmarks(tmp_path):
     with pytest.raises(FeatureError, match="ids differ"):
         run_features(tmp_path / "images.h5", tmp_path / "m.csv", tmp_path / "d.h5", checkpoint=models,
                      landmarks_h5=tmp_path / "lm_other.h5", **kw)
-    (models / "fold0.pt").unlink()
-    (models / "fold1.pt").unlink()
+    save_checkpoint(models / "fold2.pt", build_model("soft", 3), "soft", ["a", "b", "c"], meta={"val_acc": 0.9})
+    assert resolve_checkpoint(models) == models / "fold2.pt"
+    save_checkpoint(models / "final.pt", build_model("soft", 3), "soft", ["a", "b", "c"])
+    assert resolve_checkpoint(models) == models / "final.pt"       # the model trained on every row wins
+    for f in models.iterdir():
+        f.unlink()
     with pytest.raises(FeatureError, match="no final.pt"):
         resolve_checkpoint(models)
 

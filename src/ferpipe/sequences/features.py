@@ -104,7 +104,11 @@ def load_frames(images_h5, manifest_csv, guide_h5=None):
 
 def resolve_checkpoint(path) -> Path:
     """A checkpoint file, or the training stage's models folder: its final.pt if there is one, else
-    the lowest-numbered fold model (fold0.pt with every fold trained)."""
+    the fold model with the best validation accuracy (its checkpoint's meta; ties: the lower fold).
+
+    Not simply fold0.pt: one fold's early stopping can keep a near-untrained model (on the demo,
+    fold 0 stops at epoch 1), and features from it carry almost nothing.
+    """
     path = Path(path)
     if path.is_dir():
         if (path / "final.pt").is_file():
@@ -112,7 +116,14 @@ def resolve_checkpoint(path) -> Path:
         folds = sorted(path.glob("fold*.pt"), key=lambda p: (len(p.stem), p.stem))
         if not folds:
             raise FeatureError(f"{path}: no final.pt or fold<k>.pt (run the train stage first)")
-        return folds[0]
+        from ferpipe.train.checkpoint import load_checkpoint
+
+        def val_acc(p: Path) -> float:
+            acc = (load_checkpoint(p)[1].get("meta") or {}).get("val_acc")
+            return float(acc) if acc is not None else float("-inf")
+
+        scores = [val_acc(p) for p in folds]
+        return folds[scores.index(max(scores))]
     if not path.is_file():
         raise FeatureError(f"{path}: checkpoint not found")
     return path
