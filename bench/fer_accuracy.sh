@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# FER-2013 accuracy runs of the README's results table, on CPU, with the stage scripts themselves.
+#
+# Needs the preprocessed FER-2013 artifacts of `python bench/dvc_overhead.py` (default /tmp/ferpipe-dvc:
+# data/gray48, data/guides, data/split for task polarity). Writes one folder per run under OUT with
+# models/, train.json (per fold + mean/std validation accuracy), eval.json (PublicTest), logs.
+#
+#   bench/fer_accuracy.sh polarity baseline original soft     # 3-class, 5 folds, 20 cosine epochs each
+#   bench/fer_accuracy.sh classes7                            # 7-class vgg, fold 0, 40 cosine epochs, TTA 0/4/10
+#
+# Each run uses one thread (TRAIN_THREADS), so two invocations can share a 2-core machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${DATA:-/tmp/ferpipe-dvc}/data
+OUT=${OUT:-/tmp/ferpipe-accuracy}
+T=${TRAIN_THREADS:-1}
+export OMP_WAIT_POLICY=PASSIVE
+PY=.venv/bin/python
+what=$1; shift
+
+run() {  # name model split.csv extra -S overrides...
+  local name=$1 model=$2 split=$3; shift 3
+  local o=$OUT/$name; mkdir -p "$o"
+  /usr/bin/time -f "train wall %e s, cpu %U+%S s" $PY stages/train.py --model "$model" --split "$split" \
+    --gray48 $D/gray48/images.h5 --guides $D/guides --models "$o/models" --metrics "$o/train.json" \
+    --live "$o/dvclive" -S threads=$T "$@" > "$o/train.log" 2>&1
+  tail -n 1 "$o/train.log"
+}
+
+evaluate() {  # name split.csv tta
+  local o=$OUT/$1
+  $PY stages/evaluate.py --models "$o/models" --split "$2" --gray48 $D/gray48/images.h5 --guides $D/guides \
+    --metrics "$o/eval_tta$3.json" --predictions "$o/predictions_tta$3.csv" --confusion "$o/confusion_tta$3.png" \
+    --errors "$o/errors_tta$3.png" -S threads=$T -S tta=$3 > "$o/eval_tta$3.log" 2>&1
+  grep -E "^accuracy" "$o/eval_tta$3.log" | sed "s/^/$1 tta $3 PublicTest /"
+}
+
+case $what in
+  polarity)
+    for m in "$@"; do
+      run "$m" "$m" $D/split/split.csv -S max_epochs=20 -S patience=10 -S lr_schedule=cosine
+      evaluate "$m" $D/split/split.csv 0
+    done ;;
+  classes7)
+    mkdir -p "$OUT"
+    $PY stages/split.py --manifest $D/ingest/manifest.csv --out "$OUT/split7.csv" --summary "$OUT/split7.json" \
+      --task classes > /dev/null
+    run vgg7 vgg "$OUT/split7.csv" -S folds=[0] -S max_epochs=40 -S patience=0 -S lr_schedule=cosine \
+      -S class_weights=false
+    for tta in 0 4 10; do evaluate vgg7 "$OUT/split7.csv" $tta; done ;;
+  *) echo "usage: $0 polarity MODEL... | classes7" >&2; exit 2 ;;
+esac
