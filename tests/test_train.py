@@ -17,8 +17,8 @@ from ferpipe.store import write_h5
 from ferpipe.train.augment import BatchAugment
 from ferpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from ferpipe.train.data import InputSpec, load_data, prepare_input, read_split
-from ferpipe.train.loop import (FitConfig, Runtime, class_weights, evaluate_rows, fit, scheduled_lr, seed_everything,
-                                train_batches)
+from ferpipe.train.loop import (FitConfig, Runtime, class_weights, evaluate_rows, fit, param_groups, scheduled_lr,
+                                seed_everything, train_batches)
 from ferpipe.train.run import make_model, resolve_params, run_train, select_folds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,6 +190,35 @@ def test_fit_sets_the_scheduled_lr_per_batch(art, monkeypatch):
     with pytest.raises(ValueError, match="unknown lr_schedule"):
         fit(build_model("baseline", 3), data, tr, None,
             FitConfig(max_epochs=1, lr_schedule="nope", log_every=0, progress=False), CPU1)
+
+
+def test_localization_net_learning_rate_scale():
+    stn, cnn = build_model("soft", 3), build_model("baseline", 3)
+    groups = param_groups(stn, 0.1)
+    loc = {id(p) for p in stn.localization.parameters()}
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.1]
+    assert {id(p) for p in groups[1]["params"]} == loc and not loc & {id(p) for p in groups[0]["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(stn.parameters()))
+    assert [g["lr_scale"] for g in param_groups(cnn, 0.1)] == [1.0]      # no localization net: one group
+    assert [g["lr_scale"] for g in param_groups(stn, 1.0)] == [1.0]      # Guided-ST: one rate
+    with pytest.raises(ValueError, match="localization_lr"):
+        param_groups(stn, -1)
+
+
+def test_fit_moves_the_localization_net_at_its_own_rate(art, monkeypatch):
+    data = load_data(art["split"], "soft", gray48=art["gray48"], guides_dir=art["guides"])
+    seen = []
+
+    class Spy(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append([g["lr"] for g in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    cfg = FitConfig(max_epochs=1, batch_size=64, lr=1e-2, localization_lr=0.25, lr_schedule="cosine",
+                    log_every=0, progress=False)
+    fit(build_model("soft", 3), data, data.train_rows(exclude_fold=0), None, cfg, CPU1)
+    assert all(loc == pytest.approx(0.25 * rest) for rest, loc in seen) and seen[0][0] == pytest.approx(1e-2)
 
 
 def test_params_and_folds_are_checked():

@@ -31,7 +31,8 @@ from ferpipe.train.loop import (FitConfig, Runtime, class_weights, fit, seed_eve
 
 DEFAULTS = {
     "seed": 2020, "folds": "all", "final": False, "max_epochs": 500, "patience": 30, "batch_size": 128,
-    "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant", "class_weights": True, "standardize": True,
+    "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant", "localization_lr": 1.0,
+    "class_weights": True, "standardize": True,
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
     "deterministic": True, "progress": None, "log_every": 1,
@@ -124,7 +125,7 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
     augment = BatchAugment.from_params(prm["augment"], seed=seed * 1009 + rt.rank)
     cfg = FitConfig(max_epochs=max_epochs, patience=prm["patience"], batch_size=prm["batch_size"],
                     eval_batch_size=prm["eval_batch_size"], lr=prm["lr"], weight_decay=prm["weight_decay"],
-                    lr_schedule=prm["lr_schedule"], seed=seed, progress=prm["progress"], log_every=prm["log_every"])
+                    lr_schedule=prm["lr_schedule"], localization_lr=float(prm["localization_lr"]), seed=seed, progress=prm["progress"], log_every=prm["log_every"])
     live = None
     if live_dir and rt.is_main:
         from dvclive import Live
