@@ -9,6 +9,8 @@
 #   bench/fer_accuracy.sh classes7                            # 7-class vgg, fold 0, 40 cosine epochs, TTA 0/4/10
 #
 # Each run uses one thread (TRAIN_THREADS), so two invocations can share a 2-core machine.
+# EXTRA adds train overrides to the polarity runs, SUFFIX to their folder names, e.g.
+#   SUFFIX=_loc01 EXTRA="-S folds=[2] -S localization_lr=0.1" bench/fer_accuracy.sh polarity soft
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${DATA:-/tmp/ferpipe-dvc}/data
@@ -38,8 +40,9 @@ evaluate() {  # name split.csv tta
 case $what in
   polarity)
     for m in "$@"; do
-      run "$m" "$m" $D/split/split.csv -S max_epochs=20 -S patience=10 -S lr_schedule=cosine
-      evaluate "$m" $D/split/split.csv 0
+      # shellcheck disable=SC2086  # EXTRA is a list of words
+      run "$m${SUFFIX:-}" "$m" $D/split/split.csv -S max_epochs=20 -S patience=10 -S lr_schedule=cosine ${EXTRA:-}
+      evaluate "$m${SUFFIX:-}" $D/split/split.csv 0
     done ;;
   classes7)
     mkdir -p "$OUT"
