@@ -22,11 +22,9 @@ is an error there and ignored in params (one dataset section may serve several f
 """
 import argparse
 
-import yaml
-
 from ferpipe.data.ingest import run_ingest
 from ferpipe.data.readers import READERS, reader_options
-from ferpipe.params import load_params
+from ferpipe.params import apply_overrides, load_params
 
 
 def main(argv=None):
@@ -66,11 +64,10 @@ def main(argv=None):
     allowed = reader_options(fmt)
     options = {key: ds[key] for key in allowed if ds.get(key) is not None}  # keys that do not apply: ignored
     cli = {key: getattr(a, key) for key in ("split", "sort", "ignore_missing") if getattr(a, key) is not None}
-    for item in a.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            p.error(f"-O expects KEY=VALUE, got {item!r}")
-        cli[key.strip()] = yaml.safe_load(value)
+    try:
+        cli = apply_overrides(cli, a.option)
+    except ValueError as e:
+        p.error(str(e))
     for key, value in cli.items():
         if key not in allowed:
             p.error(f"format {fmt} takes no {key} option (it takes: {', '.join(allowed) or 'none'})")

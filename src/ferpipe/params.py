@@ -31,6 +31,6 @@ def apply_overrides(section: dict | None, items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"-S/--set expects KEY=VALUE, got '{item}'")
+            raise ValueError(f"an override must be KEY=VALUE, got '{item}'")
         out[key.strip()] = yaml.safe_load(value)
     return out
