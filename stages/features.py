@@ -4,7 +4,7 @@ Mode cnn runs a trained CNN checkpoint (the training stage's .pt) over every fra
 and dumps one layer (--layer: a module name such as fc1, classifier.fc1, dropout, layer4; "flatten" =
 the input of the first Linear layer; "logits"); a vector layer is stored as [N, D, 1, 1]. Instead of a
 checkpoint, --backbone resnet18 --weights FILE builds a torchvision backbone from a local weights file.
-The checkpoint may be the training stage's models folder: its final.pt, else the lowest fold model.
+The checkpoint may be the training stage's models folder: its final.pt, else the best-validation fold model.
 Mode images writes the frames themselves, resized to --size, scaled to [0, 1] and mean-subtracted.
 Guided models (STN on a guide map) and collage models (patches, weighted) see their map or collage
 of every frame, made here from --landmarks (the landmarks stage's output for these frames) with the
