@@ -9,7 +9,7 @@
 #   bench/fer_accuracy.sh classes7                            # 7-class vgg, fold 0, 40 cosine epochs, TTA 0/4/10
 #
 # Each run uses one thread (TRAIN_THREADS), so two invocations can share a 2-core machine.
-# EXTRA adds train overrides to the polarity runs, SUFFIX to their folder names, e.g.
+# EXTRA adds train overrides (both modes), SUFFIX a folder-name suffix (polarity), e.g.
 #   SUFFIX=_loc01 EXTRA="-S folds=[2] -S localization_lr=0.1" bench/fer_accuracy.sh polarity soft
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,8 +48,9 @@ case $what in
     mkdir -p "$OUT"
     $PY stages/split.py --manifest $D/ingest/manifest.csv --out "$OUT/split7.csv" --summary "$OUT/split7.json" \
       --task classes > /dev/null
+    # shellcheck disable=SC2086
     run vgg7 vgg "$OUT/split7.csv" -S folds=[0] -S max_epochs=40 -S patience=0 -S lr_schedule=cosine \
-      -S class_weights=false
+      -S class_weights=false ${EXTRA:-}
     for tta in 0 4 10; do evaluate vgg7 "$OUT/split7.csv" $tta; done ;;
   *) echo "usage: $0 polarity MODEL... | classes7" >&2; exit 2 ;;
 esac

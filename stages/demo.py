@@ -37,22 +37,26 @@ def main(argv=None):
     p.add_argument("--size", type=int, help="override demo.size (image side in pixels)")
     a = p.parse_args(argv)
     prm = load_params(a.params, "demo")
-    pick = lambda cli, key: prm[key] if cli is None else cli  # noqa: E731  (0 is a valid override)
+    try:
+        result = _generate(a, prm)
+    except ValueError as e:  # sizes and counts out of range: a usage error, not a traceback
+        p.error(str(e))
+    print(json.dumps(result, indent=1))
+
+
+def _generate(a, prm: dict) -> dict:
+    """The image demo, or with --sequences the demo sequences; CLI values win over params."""
+    pick = lambda cli, key, sec=prm: sec[key] if cli is None else cli  # noqa: E731  (0 is a valid override)
+    metrics = lambda default: default if a.metrics is None else a.metrics or None  # noqa: E731
     if a.sequences:
         seq = prm.get("sequences") or {}
-        result = make_demo_sequences(a.out or "data/demo_sequences", seed=pick(a.seed, "seed"),
-                                     per_class=seq.get("per_class", 12) if a.per_class is None else a.per_class,
-                                     frames=seq.get("frames", 6) if a.frames is None else a.frames,
-                                     size=pick(a.size, "size"),
-                                     metrics_path="metrics/demo_sequences.json" if a.metrics is None else a.metrics or None)
-        print(json.dumps(result, indent=1))
-        return
-    a.out = a.out or "data/demo"
-    a.metrics = "metrics/demo.json" if a.metrics is None else a.metrics
-    result = make_demo(a.out, seed=pick(a.seed, "seed"), train_per_class=pick(a.train_per_class, "train_per_class"),
-                       test_per_class=pick(a.test_per_class, "test_per_class"), size=pick(a.size, "size"),
-                       metrics_path=a.metrics or None)
-    print(json.dumps(result, indent=1))
+        return make_demo_sequences(a.out or "data/demo_sequences", seed=pick(a.seed, "seed"),
+                                   per_class=pick(a.per_class, "per_class", seq), frames=pick(a.frames, "frames", seq),
+                                   size=pick(a.size, "size"), metrics_path=metrics("metrics/demo_sequences.json"))
+    return make_demo(a.out or "data/demo", seed=pick(a.seed, "seed"),
+                     train_per_class=pick(a.train_per_class, "train_per_class"),
+                     test_per_class=pick(a.test_per_class, "test_per_class"), size=pick(a.size, "size"),
+                     metrics_path=metrics("metrics/demo.json"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml
 
 from ferpipe.evaluate.run import DEFAULTS, run_evaluate
-from ferpipe.params import apply_overrides, load_params
+from ferpipe.params import add_override_option, load_params, overridden
 
 
 def main(argv=None):
@@ -38,14 +38,10 @@ def main(argv=None):
     p.add_argument("--predictions", default="plots/eval/predictions.csv", help="predictions CSV ('' for none)")
     p.add_argument("--confusion", default="plots/eval/confusion.png", help="confusion PNG ('' for none)")
     p.add_argument("--errors", default="plots/eval/errors.png", help="worst-errors sheet PNG ('' for none)")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one evaluate param (repeatable, YAML values), e.g. -S tta=4")
+    add_override_option(p, "evaluate param", "tta=4")
     a = p.parse_args(argv)
     params = load_params(a.params)
-    try:
-        params["evaluate"] = apply_overrides(params.get("evaluate"), a.set)
-    except ValueError as e:
-        p.error(str(e))
+    params["evaluate"] = overridden(p, params.get("evaluate"), a.set)
     m = run_evaluate(params, a.models, a.split, a.gray48, a.guides, a.metrics or None, a.predictions or None,
                      a.confusion or None, a.errors or None)
     keys = ("model", "members", "tta", "n", "accuracy", "macro_f1", "balanced_accuracy", "top2", "top3")

@@ -19,26 +19,12 @@ on the command line instead.
 """
 import argparse
 import sys
-from pathlib import Path
 
+from ferpipe.params import params_section
 from ferpipe.sequences.features import MODES, run_features
 
 DEFAULTS = {"mode": "cnn", "checkpoint": "", "backbone": "", "weights": "", "layer": "fc1",
             "batch_size": 1024, "standardize": True, "stats_from": "", "size": 48, "guide": "", "landmarks": ""}
-
-
-def section(params_path: str, *keys: str) -> dict:
-    """params.yaml[keys...] if the file and the section exist, else {} (the section may not be wired yet)."""
-    path = Path(params_path)
-    if not path.is_file():
-        return {}
-    import yaml
-    node = yaml.safe_load(path.read_text()) or {}
-    for key in keys:
-        node = node.get(key) if isinstance(node, dict) else None
-        if node is None:
-            return {}
-    return node if isinstance(node, dict) else {}
 
 
 def main(argv=None):
@@ -63,7 +49,7 @@ def main(argv=None):
     p.add_argument("--stats-from", help="reuse mean/std (and classes) of this features file (test files)")
     p.add_argument("--size", type=int, help="images mode: frame size (default 48)")
     a = p.parse_args(argv)
-    prm = {**DEFAULTS, **section(a.params, "sequence", "features")}
+    prm = {**DEFAULTS, **(params_section(a.params, "sequence.features") or {})}
     val = {k: getattr(a, k) if getattr(a, k) is not None else prm.get(k) for k in DEFAULTS}
     if val["mode"] == "cnn" and not (val["checkpoint"] or val["backbone"]):
         p.error("mode cnn needs --checkpoint (or --backbone with --weights)")
@@ -73,7 +59,7 @@ def main(argv=None):
                               batch_size=int(val["batch_size"]), guide_h5=val["guide"] or None,
                               standardize=bool(val["standardize"]), stats_from=val["stats_from"] or None,
                               size=int(val["size"]), metrics_path=a.metrics or None,
-                              landmarks_h5=val["landmarks"] or None, guide_params=section(a.params, "guides"))
+                              landmarks_h5=val["landmarks"] or None, guide_params=params_section(a.params, "guides"))
     except (ValueError, FileNotFoundError, KeyError) as e:
         sys.exit(f"features: {e}")
     print(result)

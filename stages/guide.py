@@ -10,7 +10,7 @@ import textwrap
 
 
 from ferpipe.guides.maps import DEFAULT_PARAMS, GUIDE_KINDS, KIND_HELP, run_guide
-from ferpipe.params import apply_overrides, load_params
+from ferpipe.params import add_override_option, load_params, overridden
 
 
 def _epilog() -> str:
@@ -32,18 +32,14 @@ def main(argv=None):
     p.add_argument("--out", help="packed output (default data/guides/<kind>.h5)")
     p.add_argument("--sheet", help="contact sheet PNG (default plots/sheets/guide_<kind>.png; '' for none)")
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one guides.<kind> param (repeatable), e.g. -S mode=gaussian")
+    add_override_option(p, "guides.<kind> param", "mode=gaussian")
     a = p.parse_args(argv)
     if a.kind and a.kind_opt and a.kind != a.kind_opt:
         p.error(f"two different kinds given: {a.kind} and --kind {a.kind_opt}")
     kind = a.kind or a.kind_opt
     if not kind:
         p.error(f"give a kind, one of {', '.join(GUIDE_KINDS)}")
-    try:
-        prm = apply_overrides(load_params(a.params, "guides").get(kind), a.set)
-    except ValueError as e:
-        p.error(str(e))
+    prm = overridden(p, load_params(a.params, "guides").get(kind), a.set)
     out = a.out or f"data/guides/{kind}.h5"
     sheet = f"plots/sheets/guide_{kind}.png" if a.sheet is None else (a.sheet or None)
     print(run_guide(kind, a.images, a.landmarks, out, sheet, **prm))

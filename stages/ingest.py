@@ -24,7 +24,7 @@ import argparse
 
 from ferpipe.data.ingest import run_ingest
 from ferpipe.data.readers import READERS, reader_options
-from ferpipe.params import apply_overrides, load_params
+from ferpipe.params import add_override_option, load_params, overridden, params_section
 
 
 def main(argv=None):
@@ -39,8 +39,7 @@ def main(argv=None):
                    help="listfile: order by (seq_number, path) and renumber sequences")
     p.add_argument("--ignore-missing", action="store_true", default=None,
                    help="listfile: list absent images as rejects instead of failing")
-    p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a reader option (value parsed as YAML), e.g. -O min_length=3; repeatable")
+    add_override_option(p, "reader option", "min_length=3", flag="-O", dest="option")
     p.add_argument("--size", type=int, help="override ingest.size")
     p.add_argument("--workers", type=int, help="override ingest.workers (0 = every core)")
     p.add_argument("--out", default="data/ingest/images.h5", help="packed images (HDF5)")
@@ -51,23 +50,17 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
 
-    data = load_params(a.params)
-    ds = data
-    for key in a.section.split("."):
-        ds = ds.get(key) if isinstance(ds, dict) else None
-    if not isinstance(ds, dict):
+    prm = load_params(a.params).get("ingest") or {}  # also: a missing params file is an error here
+    ds = params_section(a.params, a.section)
+    if ds is None:
         p.error(f"{a.params}: no section {a.section}")
-    prm = data.get("ingest", {})
     fmt = a.format or ds.get("format")
     if fmt not in READERS:
         p.error(f"unknown dataset format {fmt!r}; known: {', '.join(sorted(READERS))}")
     allowed = reader_options(fmt)
     options = {key: ds[key] for key in allowed if ds.get(key) is not None}  # keys that do not apply: ignored
     cli = {key: getattr(a, key) for key in ("split", "sort", "ignore_missing") if getattr(a, key) is not None}
-    try:
-        cli = apply_overrides(cli, a.option)
-    except ValueError as e:
-        p.error(str(e))
+    cli = overridden(p, cli, a.option)
     for key, value in cli.items():
         if key not in allowed:
             p.error(f"format {fmt} takes no {key} option (it takes: {', '.join(allowed) or 'none'})")

@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml
 
 from ferpipe.models import MODEL_NAMES
-from ferpipe.params import apply_overrides, load_params
+from ferpipe.params import add_override_option, load_params, overridden
 from ferpipe.train.run import DEFAULTS, run_train
 
 
@@ -40,14 +40,10 @@ def main(argv=None):
     p.add_argument("--metrics", default="metrics/train.json", help="metrics JSON ('' for none)")
     p.add_argument("--live", default="dvclive/train", help="dvclive root, one folder per fold ('' for none)")
     p.add_argument("--model", choices=MODEL_NAMES, help="override the top-level model")
-    p.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one train param (repeatable, YAML values), e.g. -S folds=[0] -S max_epochs=3")
+    add_override_option(p, "train param", "folds=[0] -S max_epochs=3")
     a = p.parse_args(argv)
     params = load_params(a.params)
-    try:
-        params["train"] = apply_overrides(params.get("train"), a.set)
-    except ValueError as e:
-        p.error(str(e))
+    params["train"] = overridden(p, params.get("train"), a.set)
     if a.model:
         params["model"] = a.model
     metrics = run_train(params, a.split, a.gray48, a.guides, a.models, a.metrics or None, a.live or None)

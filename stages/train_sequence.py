@@ -17,20 +17,10 @@ shift,seed,threads,final}, anticipation{first,weight}); every value can be given
 """
 import argparse
 import sys
-from pathlib import Path
 
+from ferpipe.params import params_section
 from ferpipe.sequences.models import ENCODERS, KINDS
 from ferpipe.sequences.train import TASKS, SequenceConfig, run_test_only, run_train_sequence
-
-
-def section(params_path: str) -> dict:
-    path = Path(params_path)
-    if not path.is_file():
-        return {}
-    import yaml
-    data = yaml.safe_load(path.read_text()) or {}
-    sec = data.get("sequence")
-    return sec if isinstance(sec, dict) else {}
 
 
 def _bool(s: str) -> bool:
@@ -86,7 +76,7 @@ def main(argv=None):
         if a.test_only:
             print(run_test_only(a.model_in or a.model_out, a.features, a.outputs, a.metrics or None))
             return
-        sec = section(a.params)
+        sec = params_section(a.params, "sequence") or {}
         over = {k: getattr(a, k) for k in ("model", "task", "rho", "max_len", "encoder", "encoder_width", "encoder_init", "folds",
                                             "lr", "weight_decay", "batch_size", "epochs", "patience", "clip",
                                             "balanced", "augment", "seed", "threads", "anticipation_first",

@@ -209,3 +209,6 @@ def test_stage_cli_sequences(tmp_path):
     m = json.loads(met.read_text())
     assert m["sequences"] == 8 and m["frames_per_sequence"] == 5 and m["size"] == 40
     assert len(pngs(out)) == 40 and not (out / "train").exists()
+    with pytest.raises(SystemExit):  # a count out of range is a usage error, the old output stays
+        load_stage("demo").main(["--params", str(params), "--sequences", "--out", str(out), "--frames", "1"])
+    assert len(pngs(out)) == 40

@@ -116,10 +116,10 @@ def resolve_checkpoint(path) -> Path:
         folds = sorted(path.glob("fold*.pt"), key=lambda p: (len(p.stem), p.stem))
         if not folds:
             raise FeatureError(f"{path}: no final.pt or fold<k>.pt (run the train stage first)")
-        from ferpipe.train.checkpoint import load_checkpoint
+        from ferpipe.train.checkpoint import read_checkpoint_info
 
         def val_acc(p: Path) -> float:
-            acc = (load_checkpoint(p)[1].get("meta") or {}).get("val_acc")
+            acc = (read_checkpoint_info(p).get("meta") or {}).get("val_acc")
             return float(acc) if acc is not None else float("-inf")
 
         scores = [val_acc(p) for p in folds]
@@ -401,5 +401,5 @@ def read_features(path) -> dict:
 
 
 __all__ = ["MODES", "FeatureError", "LayerTap", "as_nchw", "compute_stats", "frame_labels", "load_cnn",
-           "load_frames", "load_landmarks", "make_input", "model_inputs", "resolve_checkpoint", "read_features", "read_manifest", "run_cnn", "run_features", "sequence_order",
-           "to_input"]
+           "load_frames", "load_landmarks", "make_input", "model_inputs", "read_features", "read_manifest",
+           "resolve_checkpoint", "run_cnn", "run_features", "sequence_order", "to_input"]

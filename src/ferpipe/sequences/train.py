@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ferpipe.live import live_curves
 from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, parse_first, prefix_length, true_class_curve
 from ferpipe.sequences.features import read_features
 from ferpipe.sequences.models import KINDS, build_sequence_model, init_encoder, load_sequence_model, save_sequence_model
@@ -147,9 +148,10 @@ class SequenceData:
     def frames_of(self, seqs) -> np.ndarray:
         """Frame indices of the given sequences (indices into starts/lengths)."""
         seqs = np.asarray(seqs, np.int64)
-        if len(seqs) == 0:
-            return np.zeros(0, np.int64)
-        return np.concatenate([np.arange(self.starts[s], self.starts[s] + self.lengths[s]) for s in seqs])
+        lengths = self.lengths[seqs]
+        first = np.repeat(self.starts[seqs], lengths)                          # each frame's sequence start
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return (first + within).astype(np.int64)
 
     def raw(self) -> torch.Tensor:
         """The outputs before the features file's standardization."""
@@ -551,7 +553,7 @@ def cross_validate(data: SequenceData, cfg: SequenceConfig, live=None, progress=
             key = "accuracy" if data.task == "classify" else "mse"
             progress(f"fold {k}: {key} {m[key]:.4f} (train {info['n_train']}, val {info['n_val']}, test {len(te)}, "
                      f"best epoch {info['best_epoch']}/{info['epochs']}, {seconds} s)")
-    keys = [k for k, v in per_fold[0].items() if isinstance(v, float) and k not in ("best_val_loss", "seconds")]
+    keys = [k for k, v in per_fold[0].items() if isinstance(v, float) and k != "best_val_loss"]
     mean = {k: float(np.nanmean([f[k] for f in per_fold])) for k in keys}
     std = {k: float(np.nanstd([f[k] for f in per_fold])) for k in keys}
     out = {"folds": per_fold, "mean": mean, "std": std, "subject_independent": grouped,
@@ -592,11 +594,7 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
         torch.set_num_threads(int(cfg.threads))
     t0 = time.perf_counter()
     data = load_sequences(features_h5, cfg.task)
-    live = None
-    if live_dir:
-        from dvclive import Live
-        live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
-    try:
+    with live_curves(live_dir) as live:
         cv = cross_validate(data, cfg, live, progress)
         final_info = {}
         if cfg.final:
@@ -604,12 +602,6 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
             final_data = data.fold_view(np.flatnonzero(fold != 0))
             model, final_info = train_one(final_data, np.flatnonzero(fold != 0), np.flatnonzero(fold == 0), cfg,
                                           cfg.seed * 1000 + cfg.folds, live, "final/")
-    finally:
-        if live is not None:
-            live.end()
-            # dvclive's summary repeats metrics/sequence.json, and inside a dvc.yaml plots folder DVC
-            # would try (and fail) to read it as a plot; the curves are plots/metrics/**.tsv
-            Path(live_dir, "metrics.json").unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     metrics = {"model": cfg.model, "task": cfg.task, "folds": cfg.folds, "rho": cfg.rho,
                "anticipation_first": cfg.anticipation_first, "subject_independent": cv["subject_independent"],

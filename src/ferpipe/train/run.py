@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ferpipe.models import MODEL_SPECS, STN, build_model, load_weights, replace_head
+from ferpipe.live import live_curves
 from ferpipe.store import write_json
 from ferpipe.train.augment import BatchAugment
 from ferpipe.train.checkpoint import save_checkpoint
@@ -125,19 +126,10 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
     augment = BatchAugment.from_params(prm["augment"], seed=seed * 1009 + rt.rank)
     cfg = FitConfig(max_epochs=max_epochs, patience=prm["patience"], batch_size=prm["batch_size"],
                     eval_batch_size=prm["eval_batch_size"], lr=prm["lr"], weight_decay=prm["weight_decay"],
-                    lr_schedule=prm["lr_schedule"], localization_lr=float(prm["localization_lr"]), seed=seed, progress=prm["progress"], log_every=prm["log_every"])
-    live = None
-    if live_dir and rt.is_main:
-        from dvclive import Live
-        live = Live(live_dir, save_dvc_exp=False, dvcyaml=None, report=None)
-    try:
+                    lr_schedule=prm["lr_schedule"], localization_lr=float(prm["localization_lr"]), seed=seed,
+                    progress=prm["progress"], log_every=prm["log_every"])
+    with live_curves(live_dir, rt.is_main) as live:
         result = fit(wrapped, data, train_rows, val_rows, cfg, rt, weights, augment, live, desc)
-    finally:
-        if live is not None:
-            live.end()
-            # dvclive's summary duplicates metrics/train.json, and inside the dvc.yaml plots directory
-            # DVC would try (and fail) to read it as a plot; the curves are plots/metrics/*.tsv
-            Path(live_dir, "metrics.json").unlink(missing_ok=True)
     model.load_state_dict(result.best_state)
     model.eval()
     return model, result, stored_kwargs
