@@ -124,6 +124,7 @@ class FitConfig:
     weight_decay: float = 0.0
     lr_schedule: str = "constant"     # constant (Guided-ST) | cosine (per batch, to 0 at max_epochs)
     localization_lr: float = 1.0      # STN localization net's rate as a fraction of lr (1 = Guided-ST)
+    label_smoothing: float = 0.0      # CrossEntropy label smoothing of the training loss (validation loss: none)
     seed: int = 2020
     progress: bool | None = None      # None: a bar when stderr is a terminal
     log_every: int = 1                # print an epoch summary line every N epochs (0 = never)
@@ -161,7 +162,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _all_sum(rt: Runtime, *values: torch.Tensor) -> list[torch.Tensor]:
-    t = torch.stack([v.detach().to(torch.float64) for v in values])
+    t = torch.stack([v.detach().to("cpu", torch.float64) for v in values])  # counters live on either device
     if rt.distributed:
         # gloo/nccl both reduce float64 on their own devices
         t = t.to(rt.device)
@@ -245,7 +246,9 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
         raise ValueError(f"{desc}: no training rows")
     has_val = val_rows is not None and len(val_rows) > 0
     net = _unwrap(model)
-    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(rt.device))
+    weight = None if weights is None else weights.to(rt.device)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=float(cfg.label_smoothing))
+    val_criterion = nn.CrossEntropyLoss(weight=weight)
     optimizer = torch.optim.Adam(param_groups(net, cfg.localization_lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduled_lr(cfg.lr, cfg.lr_schedule, 0, 1)  # an unknown schedule fails before the first epoch
     step = 0
@@ -292,7 +295,8 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
         best.images += int(n)
         row = {"epoch": epoch, "train_loss": float(loss_sum / n), "train_acc": float(correct / n)}
         if has_val:
-            row["val_loss"], row["val_acc"] = evaluate_rows(model, data, val_rows, criterion, rt, cfg.eval_batch_size)
+            row["val_loss"], row["val_acc"] = evaluate_rows(model, data, val_rows, val_criterion, rt,
+                                                             cfg.eval_batch_size)
         best.history.append(row)
         improved = (not has_val) or best.best_val_acc is None or row["val_acc"] > best.best_val_acc
         if improved:

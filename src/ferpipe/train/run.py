@@ -33,7 +33,7 @@ from ferpipe.train.loop import (FitConfig, Runtime, class_weights, fit, seed_eve
 DEFAULTS = {
     "seed": 2020, "folds": "all", "final": False, "max_epochs": 500, "patience": 30, "batch_size": 128,
     "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant", "localization_lr": 1.0,
-    "class_weights": True, "standardize": True,
+    "class_weights": True, "label_smoothing": 0.0, "standardize": True,
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
     "deterministic": True, "progress": None, "log_every": 1,
@@ -53,13 +53,16 @@ def resolve_params(prm: dict | None) -> dict:
 
 
 def select_folds(spec, available: list[int]) -> list[int]:
-    """`all` or a list of fold numbers (a single int is a list of one)."""
+    """`all`, `none` (no cross-validation: only the final model) or a list of fold numbers (a single
+    int is a list of one)."""
     if spec in (None, "all", "ALL"):
         return list(available)
+    if spec in ("none", "NONE"):
+        return []
     folds = [spec] if isinstance(spec, int) else list(spec)
     bad = [f for f in folds if f not in available]
     if bad or not folds:
-        raise ValueError(f"train.folds {spec!r}: the split has folds {available}")
+        raise ValueError(f"train.folds {spec!r}: the split has folds {available} (or: all, none)")
     return [int(f) for f in folds]
 
 
@@ -126,7 +129,8 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
     augment = BatchAugment.from_params(prm["augment"], seed=seed * 1009 + rt.rank)
     cfg = FitConfig(max_epochs=max_epochs, patience=prm["patience"], batch_size=prm["batch_size"],
                     eval_batch_size=prm["eval_batch_size"], lr=prm["lr"], weight_decay=prm["weight_decay"],
-                    lr_schedule=prm["lr_schedule"], localization_lr=float(prm["localization_lr"]), seed=seed,
+                    lr_schedule=prm["lr_schedule"], localization_lr=float(prm["localization_lr"]),
+                    label_smoothing=float(prm["label_smoothing"]), seed=seed,
                     progress=prm["progress"], log_every=prm["log_every"])
     with live_curves(live_dir, rt.is_main) as live:
         result = fit(wrapped, data, train_rows, val_rows, cfg, rt, weights, augment, live, desc)
@@ -150,6 +154,8 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
     try:
         data = load_data(split_csv, name, prm["model_kwargs"], gray48, guides_dir, rt.device, splits=("train",))
         folds = select_folds(prm["folds"], data.folds)
+        if not folds and not prm["final"]:
+            raise ValueError("train.folds is none (no cross-validation) but train.final is false: nothing to train")
         models_dir = Path(models_dir)
         if rt.is_main:
             models_dir.mkdir(parents=True, exist_ok=True)
@@ -177,10 +183,13 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
                       f"({res.epochs} epochs, {res.seconds:.1f} s, {res.images_per_s:.0f} img/s)", flush=True)
         accs = np.array([m["val_acc"] for m in metrics["folds"].values()], dtype=float)
         epochs = np.array([m["best_epoch"] for m in metrics["folds"].values()], dtype=float)
-        metrics.update(val_acc_mean=float(accs.mean()), val_acc_std=float(accs.std()),
-                       best_epoch_mean=float(epochs.mean()), n_folds=len(folds))
+        metrics["n_folds"] = len(folds)
+        if folds:
+            metrics.update(val_acc_mean=float(accs.mean()), val_acc_std=float(accs.std()),
+                           best_epoch_mean=float(epochs.mean()))
         if prm["final"]:
-            n_epochs = max(1, int(round(epochs.mean())))
+            # the epoch count chosen by cross-validation; without folds, the max_epochs budget
+            n_epochs = max(1, int(round(epochs.mean()))) if folds else int(prm["max_epochs"])
             rows = data.train_rows()
             live = f"{live_root}/final" if live_root else None
             model, res, kw = train_one(name, data, rows, None, prm, rt, prm["seed"] + 1000, n_epochs, live, "final")
