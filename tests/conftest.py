@@ -77,20 +77,33 @@ class Project:
         return res.stdout + res.stderr
 
     def set_params(self, **changes) -> None:
-        """set_params(**{"guides.soft.threshold": 50}) edits params.yaml in place."""
-        path = self.root / "params.yaml"
-        data = yaml.safe_load(path.read_text())
-        for key, value in changes.items():
-            node = data
-            *parents, last = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[last] = value
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        """set_params(**{"guides.soft.threshold": 50}) edits params.yaml in place (as a user before
+        `dvc repro`; the next `dvc exp run` writes params.yaml from conf/ again)."""
+        _edit_yaml(self.root / "params.yaml", changes)
+
+    def set_conf(self, **changes) -> None:
+        """Edit conf/config.yaml (what every `dvc exp run` composes params.yaml from) and write
+        params.yaml from it, as the project's `python -m ferpipe.params` does."""
+        from ferpipe.params import compose_params
+        _edit_yaml(self.root / "conf" / "config.yaml", changes)
+        (self.root / "params.yaml").write_text(compose_params(self.root / "conf"))
 
     def commit(self, msg: str = "update") -> None:
         self.run("git", "add", "-A")
         self.run("git", "commit", "-qm", msg, "--allow-empty")
+
+
+def _edit_yaml(path: Path, changes: dict) -> None:
+    data = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        if last not in node:
+            raise KeyError(f"{path.name} has no {key}")
+        node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def ran_stages(output: str) -> list[str]:
@@ -99,7 +112,8 @@ def ran_stages(output: str) -> list[str]:
 
 
 def make_project(tmp: Path, **params) -> Project:
-    """Copy the tracked and new (non-ignored) files of this checkout, small demo params, git commit."""
+    """Copy the tracked and new (non-ignored) files of this checkout, small demo params (in conf/config.yaml
+    and params.yaml: `dvc exp run` composes params.yaml from conf/), git commit."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for rel in files:
@@ -111,7 +125,7 @@ def make_project(tmp: Path, **params) -> Project:
     (tmp / "dvc.lock").unlink(missing_ok=True)
     proj = Project(tmp)
     proj.run("git", "init", "-q")
-    proj.set_params(**{"demo.train_per_class": 16, "demo.test_per_class": 6, "demo.sequences.per_class": 4,
+    proj.set_conf(**{"demo.train_per_class": 16, "demo.test_per_class": 6, "demo.sequences.per_class": 4,
                        "demo.sequences.frames": 4, "sequence.train.epochs": 5, "sequence.lstm.hidden": 16,
                        "sequence.cbm.hidden": 8, "sequence.cbm.depth": 5, **params})
     proj.commit("init")

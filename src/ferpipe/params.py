@@ -60,3 +60,48 @@ def overridden(parser, section: dict | None, items: list[str]) -> dict:
         return apply_overrides(section, items)
     except ValueError as e:
         parser.error(str(e))
+
+
+# ---------------------------------------------------------------------------- params.yaml from conf/
+
+def compose_params(conf_dir: str | os.PathLike = "conf", overrides: list[str] | tuple = ()) -> str:
+    """params.yaml's text as `dvc exp run -S ...` writes it: DVC's own Hydra composition of
+    conf/config.yaml + the chosen recipe + overrides (Hydra syntax, e.g. "recipe=cpu60")."""
+    import tempfile
+
+    from dvc.utils.hydra import compose_and_dump
+
+    conf_dir = Path(conf_dir).resolve()
+    if not (conf_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{conf_dir}/config.yaml not found (run from the project root)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "params.yaml")
+        compose_and_dump(out, str(conf_dir), None, "config", tmp, list(overrides))
+        return out.read_text(encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    """`python -m ferpipe.params`: write params.yaml from conf/ (what the next `dvc exp run` would write),
+    for `dvc repro` after editing conf/config.yaml; --check only compares."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m ferpipe.params", description=main.__doc__)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as dvc exp run -S takes them (recipe=cpu60)")
+    p.add_argument("--conf", default="conf", help="config folder (default conf)")
+    p.add_argument("--out", default="params.yaml", help="file to write (default params.yaml)")
+    p.add_argument("--check", action="store_true", help="exit 1 if --out differs from the composition")
+    a = p.parse_args(argv)
+    text = compose_params(a.conf, a.overrides)
+    out = Path(a.out)
+    if a.check:
+        same = out.is_file() and out.read_text(encoding="utf-8") == text
+        print(f"{out} {'matches' if same else 'DIFFERS from'} the composition of {a.conf}/", file=sys.stderr)
+        return 0 if same else 1
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out} from {a.conf}/{' with ' + ' '.join(a.overrides) if a.overrides else ''}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Recipes and params.yaml: conf/config.yaml + conf/recipe/<name>.yaml composed by DVC's Hydra (no DVC run here;
+the `dvc exp run` behaviour is tested in test_pipeline_train.py)."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from ferpipe.evaluate.run import resolve_params as resolve_evaluate
+from ferpipe.models import build_model
+from ferpipe.params import compose_params
+from ferpipe.train.run import resolve_params as resolve_train
+
+CONF = REPO / "conf"
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+def test_committed_params_yaml_is_the_composition():
+    """params.yaml is what `dvc exp run` writes from conf/ (edit conf/config.yaml, then python -m ferpipe.params)."""
+    assert (REPO / "params.yaml").read_text() == compose_params(CONF)
+
+
+def test_the_dvc_project_composes_params_with_hydra():
+    cfg = (REPO / ".dvc" / "config").read_text()
+    assert "[hydra]" in cfg and "enabled = True" in cfg
+
+
+def test_recipes_exist_and_set_only_known_keys():
+    assert {"quick", "cpu60", "paper", "bundled"} <= set(RECIPES)
+    base = dict(_leaves({k: v for k, v in yaml.safe_load((CONF / "config.yaml").read_text()).items()
+                         if k != "defaults"}))
+    for name in RECIPES:
+        text = (CONF / "recipe" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_"), name  # keys are top-level params, not recipe.*
+        recipe = yaml.safe_load(text)
+        assert recipe["recipe"] == name
+        for key, _ in _leaves(recipe):
+            # a misspelt key would silently become a new param that no stage reads
+            assert key in base or key.startswith("train.model_kwargs."), f"{name}: {key} is not in conf/config.yaml"
+        assert not set(recipe) & {"dataset", "sequence"}, f"{name}: the data stays the user's"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_each_recipe_composes_to_params_the_stages_accept(name):
+    params = yaml.safe_load(compose_params(CONF, [f"recipe={name}"]))
+    assert params["recipe"] == name
+    train = resolve_train(params["train"])                     # no unknown train key
+    resolve_evaluate(params["evaluate"])
+    n = 7 if params["task"] == "classes" else 3
+    build_model(params["model"], n, **train["model_kwargs"])   # the recipe's model takes its kwargs
+
+
+def test_recipe_values():
+    p = {r: yaml.safe_load(compose_params(CONF, [f"recipe={r}"])) for r in ("quick", "cpu60", "paper", "bundled")}
+    paper = p["paper"]["train"]
+    assert (p["paper"]["task"], paper["folds"], paper["max_epochs"], paper["patience"], paper["lr"],
+            paper["lr_schedule"], paper["class_weights"]) == ("polarity", "all", 500, 30, 0.001, "constant", True)
+    for r in ("quick", "cpu60", "bundled"):
+        t = p[r]["train"]
+        assert (p[r]["model"], p[r]["task"], t["folds"], t["final"], t["lr_schedule"], t["class_weights"],
+                t["patience"]) == ("vgg", "classes", "none", True, "cosine", False, 0), r
+    assert p["cpu60"]["train"]["max_epochs"] == 40 and p["cpu60"]["evaluate"]["tta"] == 10
+    assert p["cpu60"]["train"]["model_kwargs"] == {"channels": [16, 32, 96, 192], "convs": [1, 2, 2, 2]}
+    assert p["bundled"]["train"]["max_epochs"] == 60 and p["bundled"]["evaluate"]["tta"] == 10
+    assert p["bundled"]["train"]["model_kwargs"] == {"width": 24}
+    assert p["quick"]["train"]["max_epochs"] <= 3
+    # the default is the paper recipe; a recipe never changes where the data is
+    default = yaml.safe_load(compose_params(CONF))
+    assert default == p["paper"]
+    assert all(v["dataset"] == default["dataset"] and v["sequence"] == default["sequence"] for v in p.values())
+
+
+def test_overrides_apply_after_the_recipe_and_typos_fail():
+    p = yaml.safe_load(compose_params(CONF, ["recipe=cpu60", "train.max_epochs=2", "dataset.path=/data/fer"]))
+    assert p["train"]["max_epochs"] == 2 and p["model"] == "vgg" and p["dataset"]["path"] == "/data/fer"
+    with pytest.raises(Exception, match="max_epoch"):
+        compose_params(CONF, ["train.max_epoch=2"])          # a misspelt key is an error, not a new param
+    with pytest.raises(Exception, match="cpu61"):
+        compose_params(CONF, ["recipe=cpu61"])
+
+
+def test_composed_text_changes_one_line_per_changed_value():
+    """What `dvc exp run -S train.lr=0.002` writes differs from params.yaml in that line only."""
+    old = (REPO / "params.yaml").read_text().splitlines()
+    new = compose_params(CONF, ["train.lr=0.002"]).splitlines()
+    assert len(old) == len(new)
+    changed = [(a, b) for a, b in zip(old, new) if a != b]
+    assert changed == [("  lr: 0.001", "  lr: 0.002")], changed
