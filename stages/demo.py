@@ -14,15 +14,15 @@ read (<out>/frames/<sequence>/<sequence>_<frame>.png + <out>/labels.csv): the sa
 neutral to the apex of happy, sad, surprise or angry. Params: demo.seed, demo.size,
 demo.sequences.per_class, demo.sequences.frames.
 """
-import argparse
 import json
 
 from ferpipe.data.demo import make_demo, make_demo_sequences
 from ferpipe.params import load_params
+from ferpipe.stagecli import run_stage, stage_parser
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = stage_parser(__doc__)
     p.add_argument("--out", help="output folder, replaced as a whole (default data/demo, with --sequences "
                                  "data/demo_sequences)")
     p.add_argument("--metrics", help="metrics JSON ('' for none; default metrics/demo.json, with --sequences "
@@ -30,11 +30,16 @@ def main(argv=None):
     p.add_argument("--sequences", action="store_true", help="write the demo sequences (CK+ layout) instead")
     p.add_argument("--per-class", type=int, help="--sequences: override demo.sequences.per_class")
     p.add_argument("--frames", type=int, help="--sequences: override demo.sequences.frames")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--seed", type=int, help="override demo.seed")
     p.add_argument("--train-per-class", type=int, help="override demo.train_per_class")
     p.add_argument("--test-per-class", type=int, help="override demo.test_per_class")
     p.add_argument("--size", type=int, help="override demo.size (image side in pixels)")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
     prm = load_params(a.params, "demo")
     try:
@@ -60,4 +65,4 @@ def _generate(a, prm: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -9,18 +9,23 @@ Rows are matched by id; the files must hold the same test rows, labels and class
 accuracy of every member and of the ensemble (accuracy, macro_f1, balanced_accuracy, top2/top3,
 per-class precision/recall/f1), and writes them as JSON with --out.
 """
-import argparse
 import json
 
 from ferpipe.evaluate.ensemble import run_ensemble
+from ferpipe.stagecli import run_stage, stage_parser
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = stage_parser(__doc__)
     p.add_argument("predictions", nargs="+", help="predictions CSVs (id, actual, prob_<class> ...)")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per CSV (default: equal)")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--predictions-out", dest="predictions_out", help="write the ensemble's predictions CSV here")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
     if len(a.predictions) < 2:
         p.error("give at least two predictions CSVs")
@@ -33,4 +38,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -5,48 +5,67 @@ when present, else the fold models with their softmax probabilities averaged (ev
 auto | final | folds); eval.json says which. evaluate.tta: N averages N augmented copies
 (evaluate.tta_augment: flip / small affine) with the plain prediction.
 
-Writes metrics/eval.json (accuracy, macro_f1, balanced_accuracy, top2/top3 when classes > 2/3,
+Writes metrics/results.json (the one-screen summary, the DVC metrics file `dvc metrics show` and
+`dvc exp show` list: test accuracy and macro-F1, the folds' validation mean and std read from
+metrics/train.json, how many trained models ended at chance level, model, recipe) and, not DVC
+metrics: metrics/eval.json (accuracy, macro_f1, balanced_accuracy, top2/top3 when classes > 2/3,
 per-class precision/recall/f1, n), plots/eval/predictions.csv (id, actual, predicted, correct,
 confidence, prob_<class>; a DVC confusion plot), plots/eval/confusion.png (counts and row-normalized)
 and plots/eval/errors.png (the most confident wrong predictions, true / predicted).
 Example: python stages/evaluate.py -S tta=8 --metrics metrics/eval_tta.json
-Compare runs: dvc metrics diff; dvc plots diff; ensembles of runs: python stages/ensemble.py --help
+Compare runs: dvc exp show --only-changed; dvc metrics diff --targets metrics/eval.json; dvc plots diff; ensembles of runs: python stages/ensemble.py --help
 """
-import argparse
 import os
 
 # Idle OpenMP threads sleep instead of spinning: with another busy process on the cores, spinning
 # threads made small-model training ~20x slower here (bench/train_speed.py). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json
+from pathlib import Path
+
 import yaml
 
+from ferpipe.evaluate.metrics import headline
 from ferpipe.evaluate.run import DEFAULTS, run_evaluate
+from ferpipe.store import write_json
 from ferpipe.params import add_override_option, load_params, overridden
+from ferpipe.stagecli import run_stage, stage_parser
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="evaluate params (params.yaml evaluate:, defaults): "
-                                       + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items()))
-    p.add_argument("--params", default="params.yaml")
+def parser():
+    p = stage_parser(__doc__, epilog="evaluate params (params.yaml evaluate:, defaults): "
+                                     + ", ".join(f"{k}={v}" for k, v in DEFAULTS.items()))
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--models", default="models", help="train stage output folder")
     p.add_argument("--split", default="data/split/split.csv")
     p.add_argument("--gray48", default="data/gray48/images.h5")
     p.add_argument("--guides", default="data/guides")
-    p.add_argument("--metrics", default="metrics/eval.json", help="metrics JSON ('' for none)")
+    p.add_argument("--metrics", default="metrics/eval.json", help="all test metrics, per class too (JSON, '' for none)")
+    p.add_argument("--results", default="metrics/results.json",
+                   help="the one-screen summary, the pipeline's DVC metrics file (JSON, '' for none)")
+    p.add_argument("--train-metrics", default="metrics/train.json",
+                   help="the train stage's metrics, for the summary's validation figures ('' for none)")
     p.add_argument("--predictions", default="plots/eval/predictions.csv", help="predictions CSV ('' for none)")
     p.add_argument("--confusion", default="plots/eval/confusion.png", help="confusion PNG ('' for none)")
     p.add_argument("--errors", default="plots/eval/errors.png", help="worst-errors sheet PNG ('' for none)")
     add_override_option(p, "evaluate param", "tta=4")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
     params = load_params(a.params)
     params["evaluate"] = overridden(p, params.get("evaluate"), a.set)
     m = run_evaluate(params, a.models, a.split, a.gray48, a.guides, a.metrics or None, a.predictions or None,
                      a.confusion or None, a.errors or None)
+    if a.results:
+        train = json.loads(Path(a.train_metrics).read_text()) if a.train_metrics else None
+        write_json(a.results, headline(m, train, params.get("recipe")))
     keys = ("model", "members", "tta", "n", "accuracy", "macro_f1", "balanced_accuracy", "top2", "top3")
     print(yaml.safe_dump({k: m[k] for k in keys if k in m}, sort_keys=False).rstrip())
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

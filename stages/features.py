@@ -17,53 +17,60 @@ std stored in the file; a test file reuses a training file's statistics and clas
 Defaults come from params.yaml `sequence.features` when that section exists; every value can be given
 on the command line instead.
 """
-import argparse
-import sys
-
 from ferpipe.params import params_section
 from ferpipe.sequences.features import MODES, run_features
+from ferpipe.stagecli import run_stage, stage_parser
 
-DEFAULTS = {"mode": "cnn", "checkpoint": "", "backbone": "", "weights": "", "layer": "fc1",
+# used where params.yaml has no sequence.features section (the same values as conf/config.yaml)
+DEFAULTS = {"mode": "cnn", "checkpoint": "models", "backbone": "", "weights": "", "layer": "flatten",
             "batch_size": 1024, "standardize": True, "stats_from": "", "size": 48, "guide": "", "landmarks": ""}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _from_params(key: str) -> str:
+    return f"default: params.yaml sequence.features.{key}, else {DEFAULTS[key]!r}"
+
+
+def parser():
+    p = stage_parser(__doc__)
     p.add_argument("--images", default="data/sequences/gray48/images.h5", help="packed frames (gray48 output)")
     p.add_argument("--manifest", default="data/sequences/ingest/manifest.csv",
                    help="manifest of those frames (ingest output: sequence_id, frame_index, subject)")
     p.add_argument("--out", default="data/sequences/features.h5", help="features HDF5")
     p.add_argument("--metrics", default="metrics/features.json", help="counts and images/s (JSON, '' for none)")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--mode", choices=MODES, help=f"cnn | images (default {DEFAULTS['mode']})")
-    p.add_argument("--checkpoint", help="CNN checkpoint of the training stage (.pt, or its models folder)")
+    p.add_argument("--params", default="params.yaml", help="params file")
+    p.add_argument("--mode", choices=MODES, help=f"cnn | images ({_from_params('mode')})")
+    p.add_argument("--checkpoint", help=f"CNN checkpoint (.pt, or the train stage's models folder) "
+                                        f"({_from_params('checkpoint')})")
     p.add_argument("--backbone", help="registry backbone instead of a checkpoint (e.g. resnet18)")
     p.add_argument("--weights", help="weights file for --backbone")
-    p.add_argument("--layer", help=f"layer to dump (default {DEFAULTS['layer']})")
-    p.add_argument("--batch-size", type=int, help=f"frames per forward pass (default {DEFAULTS['batch_size']}; "
-                                                  "halved automatically on out-of-memory)")
+    p.add_argument("--layer", help=f"layer to dump: flatten | fc1 | logits | a module name ({_from_params('layer')})")
+    p.add_argument("--batch-size", type=int, help=f"frames per forward pass, halved automatically on "
+                                                  f"out-of-memory ({_from_params('batch_size')})")
     p.add_argument("--guide", help="guide maps HDF5 for guided models (default: made from --landmarks)")
     p.add_argument("--landmarks", help="landmarks HDF5 of these frames (for guided and collage models)")
-    p.add_argument("--standardize", dest="standardize", action="store_true", default=None)
+    p.add_argument("--standardize", dest="standardize", action="store_true", default=None,
+                   help=f"store standardized features ({_from_params('standardize')})")
     p.add_argument("--no-standardize", dest="standardize", action="store_false")
     p.add_argument("--stats-from", help="reuse mean/std (and classes) of this features file (test files)")
-    p.add_argument("--size", type=int, help="images mode: frame size (default 48)")
+    p.add_argument("--size", type=int, help=f"images mode: frame size ({_from_params('size')})")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
     prm = {**DEFAULTS, **(params_section(a.params, "sequence.features") or {})}
     val = {k: getattr(a, k) if getattr(a, k) is not None else prm.get(k) for k in DEFAULTS}
     if val["mode"] == "cnn" and not (val["checkpoint"] or val["backbone"]):
         p.error("mode cnn needs --checkpoint (or --backbone with --weights)")
-    try:
-        result = run_features(a.images, a.manifest, a.out, mode=val["mode"], checkpoint=val["checkpoint"] or None,
-                              backbone=val["backbone"] or None, weights=val["weights"] or None, layer=val["layer"],
-                              batch_size=int(val["batch_size"]), guide_h5=val["guide"] or None,
-                              standardize=bool(val["standardize"]), stats_from=val["stats_from"] or None,
-                              size=int(val["size"]), metrics_path=a.metrics or None,
-                              landmarks_h5=val["landmarks"] or None, guide_params=params_section(a.params, "guides"))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"features: {e}")
+    result = run_features(a.images, a.manifest, a.out, mode=val["mode"], checkpoint=val["checkpoint"] or None,
+                          backbone=val["backbone"] or None, weights=val["weights"] or None, layer=val["layer"],
+                          batch_size=int(val["batch_size"]), guide_h5=val["guide"] or None,
+                          standardize=bool(val["standardize"]), stats_from=val["stats_from"] or None,
+                          size=int(val["size"]), metrics_path=a.metrics or None,
+                          landmarks_h5=val["landmarks"] or None, guide_params=params_section(a.params, "guides"))
     print(result)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

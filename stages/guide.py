@@ -2,15 +2,14 @@
 
 Reads the gray48 images and the 68-point landmarks (same ids, same order), writes one packed HDF5
 (images uint8 [N,S,S] = the guide map or collage, ids, found) and a contact sheet (faces with their
-landmarks, red where found=False, above their guide maps). dvc.yaml runs it as a foreach stage:
-`python stages/guide.py <kind>`.
+landmarks, red where found=False, above their guide maps). dvc.yaml has one stage per kind,
+guide_<kind>: `python stages/guide.py <kind>` (each lists only its own guides.<kind> params).
 """
-import argparse
 import textwrap
-
 
 from ferpipe.guides.maps import DEFAULT_PARAMS, GUIDE_KINDS, KIND_HELP, run_guide
 from ferpipe.params import add_override_option, load_params, overridden
+from ferpipe.stagecli import run_stage, stage_parser
 
 
 def _epilog() -> str:
@@ -22,17 +21,21 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=_epilog(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = stage_parser(__doc__, epilog=_epilog())
     p.add_argument("kind", nargs="?", choices=GUIDE_KINDS, help="the guide kind (or --kind)")
     p.add_argument("--kind", dest="kind_opt", choices=GUIDE_KINDS, help="the guide kind")
     p.add_argument("--images", default="data/gray48/images.h5", help="gray48 images")
     p.add_argument("--landmarks", default="data/landmarks/landmarks.h5", help="landmarks stage output")
     p.add_argument("--out", help="packed output (default data/guides/<kind>.h5)")
     p.add_argument("--sheet", help="contact sheet PNG (default plots/sheets/guide_<kind>.png; '' for none)")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     add_override_option(p, "guides.<kind> param", "mode=gaussian")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
     if a.kind and a.kind_opt and a.kind != a.kind_opt:
         p.error(f"two different kinds given: {a.kind} and --kind {a.kind_opt}")
@@ -46,4 +49,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -7,29 +7,28 @@ Formats (params: dataset.format, dataset.path, dataset.root):
   affectnet    AffectNet training.csv / validation.csv (face box cropped; --split val for validation)
   listfile     LSTM-on-CNN list file: path label [label2 ...] seq_number (--sort, --ignore-missing)
   guided_st    Guided-ST CSV emotion;path;in_set;fold (3-class polarity)
+  ck_sequences CK+ frames/<sequence>/<frame>.png + labels.csv (options min_length, labels, frames)
+  video        one video per sequence + a labels CSV (options every, max_frames, min_length, labels)
 Relative image paths of CSV/list formats are joined to --root (default: the file's folder).
 
 Writes one packed HDF5 (images uint8 [N,size,size], ids; attrs with the class list), the manifest
 of kept rows (same order), the rejects table (every input not used, with the reason), count metrics
 and a contact sheet (a row of samples per class). Nothing is written if the dataset cannot be read.
-  ck_sequences CK+ frames/<sequence>/<frame>.png + labels.csv (options min_length, labels, frames)
-  video        one video per sequence + a labels CSV (options every, max_frames, min_length, labels)
 Params: ingest.size, ingest.workers (0 = every core). The dataset comes from the params section
 --section (default `dataset`; the sequence stages use `sequence.dataset`): format, path, root, and
 any option the format's reader takes (split, sort, ignore_missing, min_length, every, max_frames,
 labels, ...). -O KEY=VALUE sets a reader option on the command line; a key the format does not take
 is an error there and ignored in params (one dataset section may serve several formats).
 """
-import argparse
-
 from ferpipe.data.ingest import run_ingest
 from ferpipe.data.readers import READERS, reader_options
 from ferpipe.params import add_override_option, load_params, overridden, params_section
+from ferpipe.stagecli import run_stage, stage_parser
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
+def parser():
+    p = stage_parser(__doc__)
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--section", default="dataset", help="params section of the dataset (dotted, e.g. sequence.dataset)")
     p.add_argument("--format", choices=sorted(READERS), help="override dataset.format")
     p.add_argument("--path", help="override dataset.path (a folder, CSV or list file)")
@@ -48,6 +47,11 @@ def main(argv=None):
     p.add_argument("--metrics", default="metrics/ingest.json", help="count metrics (JSON)")
     p.add_argument("--sheet", default="plots/sheets/ingest.png", help="contact sheet PNG ('' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
 
     prm = load_params(a.params).get("ingest") or {}  # also: a missing params file is an error here
@@ -75,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -7,23 +7,26 @@ box and the image is flagged (found=False, method=fallback). Writes landmarks.h5
 [N,68,2] normalized (x, y), found, method, confidence, box, ids), metrics (share per method) and a
 contact sheet with a row per method.
 """
-import argparse
-
 from ferpipe.faces.landmarks import PASSES, run_landmarks
 from ferpipe.params import load_params
+from ferpipe.stagecli import run_stage, stage_parser
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = stage_parser(__doc__)
     p.add_argument("--images", default="data/ingest/images.h5", help="normalized images (ingest output)")
     p.add_argument("--out", default="data/landmarks/landmarks.h5")
     p.add_argument("--metrics", default="metrics/landmarks.json")
     p.add_argument("--sheet", default="plots/sheets/landmarks.png", help="contact sheet PNG ('' for none)")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--size", type=int, help="override landmarks.size")
     p.add_argument("--passes", nargs="+", choices=PASSES, help="override landmarks.passes")
     p.add_argument("--workers", type=int, help="override landmarks.workers (0 = every core)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     prm = load_params(a.params, "landmarks")
     print(run_landmarks(a.images, a.out, a.metrics or None, a.sheet or None,
                         size=a.size or prm["size"], passes=a.passes or prm["passes"],
@@ -31,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -6,21 +6,24 @@ every training row has a subject. Writes data/split/split.csv (id, index into th
 split, fold, target, target_name [, valence, arousal]) and metrics/split.json (classes, counts,
 excluded rows with the reason).
 """
-import argparse
-
 from ferpipe.data.split import TASKS, run_split
 from ferpipe.params import load_params
+from ferpipe.stagecli import run_stage, stage_parser
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = stage_parser(__doc__)
     p.add_argument("--manifest", default="data/ingest/manifest.csv")
     p.add_argument("--out", default="data/split/split.csv")
     p.add_argument("--summary", default="metrics/split.json")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--task", choices=TASKS, help="override the top-level task")
     p.add_argument("--folds", type=int, help="override split.folds")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     params = load_params(a.params)
     prm = params["split"]
     print(run_split(a.manifest, a.out, a.summary, task=a.task or params["task"], folds=a.folds or prm["folds"],
@@ -28,4 +31,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

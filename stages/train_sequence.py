@@ -16,11 +16,12 @@ shift,seed,threads,final}, anticipation{first,weight}); every value can be given
 --test-only applies a saved model (--model-in) to --features and writes its outputs to --outputs (HDF5).
 """
 import argparse
-import sys
 
 from ferpipe.params import params_section
 from ferpipe.sequences.models import ENCODERS, KINDS
 from ferpipe.sequences.train import TASKS, SequenceConfig, run_test_only, run_train_sequence
+from ferpipe.stagecli import run_stage, stage_parser
+from ferpipe.store import write_json
 
 
 def _bool(s: str) -> bool:
@@ -31,15 +32,17 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = stage_parser(__doc__)
     p.add_argument("--features", default="data/sequences/features.h5", help="features HDF5 (features stage)")
     p.add_argument("--model-out", default="data/sequences/model.pt", help="final model (.pt)")
-    p.add_argument("--metrics", default="metrics/sequence.json")
+    p.add_argument("--metrics", default="metrics/sequence.json", help="all metrics: per fold, pooled, by first k frames")
+    p.add_argument("--results", default="metrics/sequence_results.json",
+                   help="the one-screen summary, the DVC metrics file ('' for none)")
     p.add_argument("--plots", default="plots/sequence", help="folder for confusion.png ('' for none)")
     p.add_argument("--predictions", default="data/sequences/predictions.csv", help="out-of-fold predictions ('' for none)")
     p.add_argument("--live", default="dvclive/sequence", help="dvclive folder ('' for none)")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--test-only", action="store_true", help="apply --model-in to --features, write --outputs")
     p.add_argument("--model-in", help="saved sequence model for --test-only (default: --model-out)")
     p.add_argument("--outputs", default="data/sequences/test_outputs.h5", help="--test-only outputs HDF5")
@@ -70,34 +73,47 @@ def main(argv=None):
     g.add_argument("--anticipation-first", type=float, help="train/evaluate from the first k frames (or a fraction)")
     g.add_argument("--anticipation-weight", type=float, help="weight of the monotone true-class hinge")
     g.add_argument("--no-final", action="store_true", help="skip training the saved final model")
-    a = p.parse_args(argv)
+    return p
 
-    try:
-        if a.test_only:
-            print(run_test_only(a.model_in or a.model_out, a.features, a.outputs, a.metrics or None))
-            return
-        sec = params_section(a.params, "sequence") or {}
-        over = {k: getattr(a, k) for k in ("model", "task", "rho", "max_len", "encoder", "encoder_width", "encoder_init", "folds",
-                                            "lr", "weight_decay", "batch_size", "epochs", "patience", "clip",
-                                            "balanced", "augment", "seed", "threads", "anticipation_first",
-                                            "anticipation_weight")}
-        if a.no_final:
-            over["final"] = False
-        cfg = SequenceConfig.from_params(sec, **over)
-        group = getattr(cfg, cfg.model)
-        for key in ("hidden", "depth", "dropout", "shortcut", "temporal_dropout"):
-            if getattr(a, key) is not None:
-                if key not in getattr(SequenceConfig(), cfg.model) and key not in ("hidden", "dropout"):
-                    p.error(f"--{key.replace('_', '-')} does not apply to model {cfg.model}")
-                group[key] = getattr(a, key)
-        cfg.validate()
-        result = run_train_sequence(a.features, a.model_out, a.metrics, a.plots or None, a.predictions or None,
-                                    a.live or None, cfg)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        sys.exit(f"train_sequence: {e}")
+
+def sequence_headline(m: dict) -> dict:
+    """metrics/sequence_results.json: the mean and std over the test folds of the main figure."""
+    key = "accuracy" if m["task"] == "classify" else "mse"
+    out = {f"seq_{key}_mean": m["mean"][key], f"seq_{key}_std": m["std"][key]}
+    if "macro_f1" in m["mean"]:
+        out["seq_macro_f1"] = m["mean"]["macro_f1"]
+    out.update(seq_model=m["model"], sequences=m["sequences"])
+    return out
+
+
+def main(argv=None):
+    p = parser()
+    a = p.parse_args(argv)
+    if a.test_only:
+        print(run_test_only(a.model_in or a.model_out, a.features, a.outputs, a.metrics or None))
+        return
+    sec = params_section(a.params, "sequence") or {}
+    over = {k: getattr(a, k) for k in ("model", "task", "rho", "max_len", "encoder", "encoder_width", "encoder_init", "folds",
+                                        "lr", "weight_decay", "batch_size", "epochs", "patience", "clip",
+                                        "balanced", "augment", "seed", "threads", "anticipation_first",
+                                        "anticipation_weight")}
+    if a.no_final:
+        over["final"] = False
+    cfg = SequenceConfig.from_params(sec, **over)
+    group = getattr(cfg, cfg.model)
+    for key in ("hidden", "depth", "dropout", "shortcut", "temporal_dropout"):
+        if getattr(a, key) is not None:
+            if key not in getattr(SequenceConfig(), cfg.model) and key not in ("hidden", "dropout"):
+                p.error(f"--{key.replace('_', '-')} does not apply to model {cfg.model}")
+            group[key] = getattr(a, key)
+    cfg.validate()
+    result = run_train_sequence(a.features, a.model_out, a.metrics, a.plots or None, a.predictions or None,
+                                a.live or None, cfg)
+    if a.results:
+        write_json(a.results, sequence_headline(result))
     keep = ("model", "sequences", "mean", "std", "by_first_k", "seconds")
     print({k: result[k] for k in keep if k in result})
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -657,5 +657,5 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     assert t["outputs"].shape == (262, 7) and t["steps"].shape == (262, 4, 7) and t["seq_number"].dtype == np.int32
     assert np.allclose(t["outputs"].sum(1), 1, atol=1e-5) and t["label"].shape == (262, 1)
     # a short window longer than every sequence is a clear error
-    with pytest.raises(SystemExit, match="no test sample|empty training"):
+    with pytest.raises(ValueError, match="no test sample|empty training"):
         load_stage("train_sequence").main(args + ["--rho", "5", "--no-final"])
