@@ -28,7 +28,7 @@ import yaml
 
 from ferpipe.evaluate.metrics import headline
 from ferpipe.evaluate.run import DEFAULTS, run_evaluate
-from ferpipe.store import write_json
+from ferpipe.store import write_text
 from ferpipe.params import add_override_option, load_params, overridden
 from ferpipe.stagecli import run_stage, stage_parser
 
@@ -62,7 +62,7 @@ def main(argv=None):
                      a.confusion or None, a.errors or None)
     if a.results:
         train = json.loads(Path(a.train_metrics).read_text()) if a.train_metrics else None
-        write_json(a.results, headline(m, train, params.get("recipe")))
+        write_text(a.results, json.dumps(headline(m, train, params.get("recipe")), indent=2) + "\n")  # in reading order
     keys = ("model", "members", "tta", "n", "accuracy", "macro_f1", "balanced_accuracy", "top2", "top3")
     print(yaml.safe_dump({k: m[k] for k in keys if k in m}, sort_keys=False).rstrip())
 

@@ -16,12 +16,13 @@ shift,seed,threads,final}, anticipation{first,weight}); every value can be given
 --test-only applies a saved model (--model-in) to --features and writes its outputs to --outputs (HDF5).
 """
 import argparse
+import json
 
 from ferpipe.params import params_section
 from ferpipe.sequences.models import ENCODERS, KINDS
 from ferpipe.sequences.train import TASKS, SequenceConfig, run_test_only, run_train_sequence
 from ferpipe.stagecli import run_stage, stage_parser
-from ferpipe.store import write_json
+from ferpipe.store import write_text
 
 
 def _bool(s: str) -> bool:
@@ -110,7 +111,7 @@ def main(argv=None):
     result = run_train_sequence(a.features, a.model_out, a.metrics, a.plots or None, a.predictions or None,
                                 a.live or None, cfg)
     if a.results:
-        write_json(a.results, sequence_headline(result))
+        write_text(a.results, json.dumps(sequence_headline(result), indent=2) + "\n")  # in reading order
     keep = ("model", "sequences", "mean", "std", "by_first_k", "seconds")
     print({k: result[k] for k in keep if k in result})
 

@@ -69,3 +69,22 @@ def read_predictions(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.nd
     y = frame["actual"].astype(str).map(index).to_numpy(np.int64)
     probs = frame[[PROB_PREFIX + c for c in classes]].to_numpy(np.float64)
     return frame["id"].astype(str).to_numpy(), y, probs, classes
+
+
+def headline(test: dict, train: dict | None = None, recipe: str | None = None) -> dict:
+    """The one-screen summary of a run (metrics/results.json, the pipeline's DVC metrics file).
+
+    ``test``: the evaluate metrics (accuracy, macro_f1, model); ``train``: the train stage's metrics
+    (val_acc_mean/std over the folds, absent without cross-validation; folds_at_chance, final.at_chance).
+    ``runs_at_chance`` counts the trained models (folds, final) that ended at chance level.
+    """
+    train = train or {}
+    out = {"test_acc": round(float(test["accuracy"]), 4), "test_macro_f1": round(float(test["macro_f1"]), 4)}
+    for key in ("val_acc_mean", "val_acc_std"):
+        if train.get(key) is not None:
+            out[key] = round(float(train[key]), 4)
+    out["runs_at_chance"] = len(train.get("folds_at_chance") or []) + int(bool((train.get("final") or {}).get("at_chance")))
+    out["model"] = test.get("model")
+    if recipe:
+        out["recipe"] = recipe
+    return out

@@ -75,3 +75,33 @@ def errors_png(path: str | os.PathLike, images: np.ndarray, y: np.ndarray, probs
     fig.suptitle(title or f"{n} most confident errors", fontsize=9)
     _save(fig, path)
     return n
+
+
+def curves_png(path: str | os.PathLike, histories: dict[str, list[dict]], title: str = "") -> None:
+    """Learning curves, one color per run (fold or final): loss and accuracy per epoch, training dashed,
+    validation solid, a dot on each run's best validation epoch. ``histories``: run name -> rows
+    {epoch, train_loss, train_acc[, val_loss, val_acc]} (a checkpoint's meta["history"])."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, rows) in enumerate(histories.items()):
+        if not rows:
+            continue
+        c = colors[i % len(colors)]
+        epoch = [r["epoch"] for r in rows]
+        for ax, key in ((axes[0], "loss"), (axes[1], "acc")):
+            ax.plot(epoch, [r[f"train_{key}"] for r in rows], "--", color=c, lw=1, alpha=0.8)
+            if "val_" + key in rows[0]:
+                val = [r[f"val_{key}"] for r in rows]
+                ax.plot(epoch, val, "-", color=c, lw=1.5, label=name)
+                best = int(np.argmax([r["val_acc"] for r in rows]))
+                ax.plot(epoch[best], val[best], "o", color=c, ms=4)
+            else:
+                ax.lines[-1].set_label(f"{name} (training only)")
+    for ax, name in ((axes[0], "loss"), (axes[1], "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, title="solid: validation, dashed: training", title_fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)

@@ -127,7 +127,7 @@ class FitConfig:
     label_smoothing: float = 0.0      # CrossEntropy label smoothing of the training loss (validation loss: none)
     seed: int = 2020
     progress: bool | None = None      # None: a bar when stderr is a terminal
-    log_every: int = 1                # print an epoch summary line every N epochs (0 = never)
+    log_every: int = 10               # print an epoch summary line every N epochs, and the first and last (0 = never)
 
 
 def class_weights(counts: torch.Tensor) -> torch.Tensor:
@@ -257,6 +257,7 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
     patience = cfg.patience if cfg.patience and cfg.patience > 0 else math.inf
     # tqdm: disable=None shows a bar only on a terminal (dvc repro logs stay readable)
     bar_off = True if not rt.is_main else (None if cfg.progress is None else not cfg.progress)
+    last = ""  # the previous epoch's summary, shown on the next epoch's bar
 
     best = FitResult(best_state={}, best_epoch=0, best_val_acc=None, best_val_loss=None, epochs=0)
     t0 = time.perf_counter()
@@ -266,8 +267,8 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
         loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
         correct = torch.zeros((), device=rt.device, dtype=torch.float64)
         seen = 0
-        bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}", unit="batch", leave=False,
-                   disable=bar_off, dynamic_ncols=True)
+        bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{cfg.max_epochs}", unit="batch", leave=False,
+                   disable=bar_off, dynamic_ncols=True, postfix=_postfix(last, t0, epoch, cfg.max_epochs))
         total_steps = int(cfg.max_epochs) * len(batches)
         for idx in batches:
             for group in optimizer.param_groups:
@@ -290,6 +291,9 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(local)
             bar.update(1)
+            if not bar.disable and (bar.n % 10 == 0 or bar.n == len(batches)):
+                bar.set_postfix_str(f"loss {float(loss_sum) / max(seen, 1):.4f} | "
+                                    + _postfix(last, t0, epoch, cfg.max_epochs), refresh=False)
         bar.close()
         loss_sum, correct, n = _all_sum(rt, loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64))
         best.images += int(n)
@@ -305,6 +309,7 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
             if has_val:
                 best.best_val_acc, best.best_val_loss = row["val_acc"], row["val_loss"]
         best.epochs = epoch
+        stop = has_val and epoch - best.best_epoch >= patience
         if rt.is_main:
             if live is not None:
                 live.step = epoch
@@ -312,13 +317,13 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
                     if key in row:
                         live.log_metric(key.replace("_", "/", 1), row[key])
                 live.next_step()
-            if cfg.log_every and (epoch % cfg.log_every == 0 or epoch == 1):
-                msg = f"{desc} epoch {epoch}/{cfg.max_epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-                if has_val:
-                    msg += (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
-                            f" | best {best.best_val_acc:.4f} @ {best.best_epoch}")
-                tqdm.write(msg)
-        if has_val and epoch - best.best_epoch >= patience:
+            last = f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+            if has_val:
+                last += (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+                         f" | best {best.best_val_acc:.4f} @ {best.best_epoch}")
+            if cfg.log_every and (epoch % cfg.log_every == 0 or epoch == 1 or epoch == cfg.max_epochs or stop):
+                tqdm.write(f"{desc} epoch {epoch}/{cfg.max_epochs}: {last}")
+        if stop:
             if rt.is_main and cfg.log_every:
                 tqdm.write(f"{desc}: early stop at epoch {epoch} (no val acc gain for {epoch - best.best_epoch} epochs)")
             break
@@ -326,6 +331,16 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
         torch.cuda.synchronize(rt.device)
     best.seconds = time.perf_counter() - t0
     return best
+
+
+def _postfix(last: str, t0: float, epoch: int, max_epochs: int) -> str:
+    """The bar's text after the batch count: the previous epoch's summary and the run's ETA (at max_epochs)."""
+    if epoch <= 1:
+        return last
+    per_epoch = (time.perf_counter() - t0) / (epoch - 1)
+    left = per_epoch * (max_epochs - epoch + 1)
+    eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+    return f"{last} | {per_epoch:.1f} s/epoch | ETA {eta} to epoch {max_epochs}"
 
 
 def copy_model(model: nn.Module) -> nn.Module:

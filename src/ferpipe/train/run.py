@@ -36,7 +36,7 @@ DEFAULTS = {
     "class_weights": True, "label_smoothing": 0.0, "standardize": True,
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
-    "deterministic": True, "progress": None, "log_every": 1,
+    "deterministic": True, "progress": None, "log_every": 10,
 }
 
 
@@ -115,6 +115,26 @@ def _fold_spec(data: TensorData, rows: torch.Tensor, standardize: bool) -> Input
     return spec
 
 
+def chance_check(data: TensorData, rows: torch.Tensor, acc: float | None, desc: str) -> dict:
+    """Is `acc` on `rows` no better than always answering their most common class? Returns
+    {"chance": that class's share, "at_chance": bool} and prints a warning when it is.
+
+    A run that never learns ends there: the spatial transformer whose sampling grid left the image
+    (README, "Runs that never learn"), or early stopping before the model beats a constant answer.
+    """
+    counts = data.class_counts(rows).to("cpu", torch.float64)
+    if acc is None or counts.sum() == 0:
+        return {}
+    share = float(counts.max() / counts.sum())
+    at_chance = bool(acc <= share + 1e-9)
+    if at_chance:
+        cls = data.classes[int(counts.argmax())]
+        print(f"WARNING: {desc} ended at chance level: accuracy {acc:.4f} <= {share:.4f}, the share of its "
+              f"most common class '{cls}' (a constant answer scores that). It did not learn: see README "
+              "'Runs that never learn'.", flush=True)
+    return {"chance": round(share, 6), "at_chance": at_chance}
+
+
 def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: torch.Tensor | None,
               prm: dict, rt: Runtime, seed: int, max_epochs: int, live_dir: str | None, desc: str):
     """Train one model; returns (model with the best state loaded, FitResult, stored model kwargs)."""
@@ -172,7 +192,8 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
                                        prm["max_epochs"], live, f"fold {k}")
             metrics["folds"][str(k)] = {"val_acc": res.best_val_acc, "val_loss": res.best_val_loss,
                                         "best_epoch": res.best_epoch, "epochs": res.epochs,
-                                        "train_rows": len(train_rows), "val_rows": len(val_rows)}
+                                        "train_rows": len(train_rows), "val_rows": len(val_rows),
+                                        **chance_check(data, val_rows, res.best_val_acc, f"fold {k}")}
             if rt.is_main:
                 save_checkpoint(models_dir / f"fold{k}.pt", model, name, data.classes, kw, {
                     **base_meta, "fold": k, "best_epoch": res.best_epoch, "val_acc": res.best_val_acc,
@@ -184,6 +205,7 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
         accs = np.array([m["val_acc"] for m in metrics["folds"].values()], dtype=float)
         epochs = np.array([m["best_epoch"] for m in metrics["folds"].values()], dtype=float)
         metrics["n_folds"] = len(folds)
+        metrics["folds_at_chance"] = [int(k) for k, m in metrics["folds"].items() if m.get("at_chance")]
         if folds:
             metrics.update(val_acc_mean=float(accs.mean()), val_acc_std=float(accs.std()),
                            best_epoch_mean=float(epochs.mean()))
@@ -194,7 +216,8 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
             live = f"{live_root}/final" if live_root else None
             model, res, kw = train_one(name, data, rows, None, prm, rt, prm["seed"] + 1000, n_epochs, live, "final")
             metrics["final"] = {"epochs": n_epochs, "train_rows": len(rows),
-                                "train_acc": res.history[-1]["train_acc"], "train_loss": res.history[-1]["train_loss"]}
+                                "train_acc": res.history[-1]["train_acc"], "train_loss": res.history[-1]["train_loss"],
+                                **chance_check(data, rows, res.history[-1]["train_acc"], "the final model (training rows)")}
             if rt.is_main:
                 save_checkpoint(models_dir / "final.pt", model, name, data.classes, kw, {
                     **base_meta, "fold": None, "best_epoch": n_epochs, "epochs": n_epochs, "history": res.history,
