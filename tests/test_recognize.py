@@ -24,8 +24,8 @@ from skimage import data as skdata
 from conftest import REPO, load_stage
 from ferpipe.export import ExportError, export_model, run_exported
 from ferpipe.models import MODEL_NAMES, MODEL_SPECS, build_model
-from ferpipe.recognize import (BUNDLED, IoUTracker, Recognizer, RecognizeError, draw, fold_batchnorm,
-                               results_table)
+from ferpipe.recognize import (BUNDLED, IoUTracker, Recognizer, RecognizeError, TrackLabeler, draw,
+                               fold_batchnorm, results_table)
 from ferpipe.train.checkpoint import save_checkpoint
 from ferpipe.train.data import InputSpec
 
@@ -299,6 +299,40 @@ def test_broken_videos_are_one_line_errors(fer, tmp_path):
     for name in ("empty.mp4", "junk.avi", "zero.mp4", "missing.mp4"):
         with pytest.raises(RecognizeError, match=name):
             fer.recognize_video(tmp_path / name)
+
+
+def test_track_labels_repeat_train_sequence(demo_project, fer, tmp_path):
+    """A sequence model on a face track gives train_sequence --test-only's probabilities for the same
+    frames (the CNN, layer and standardization of its features file), and one label per track."""
+    from ferpipe.sequences.train import run_test_only
+    from ferpipe.store import read_h5
+
+    root = demo_project.root
+    model = root / "data/sequences/model.pt"
+    labeler = TrackLabeler(model, root=root)
+    run_test_only(model, root / "data/sequences/features.h5", tmp_path / "test_only.h5")
+    want = read_h5(tmp_path / "test_only.h5")
+    frames = read_h5(root / "data/sequences/ingest/images.h5", ["images", "ids"])
+    manifest = pd.read_csv(root / "data/sequences/ingest/manifest.csv", keep_default_na=False)
+    row = {i: k for k, i in enumerate(frames["ids"])}
+    for k, sid in enumerate(want["sequence_id"]):
+        ids = manifest[manifest["sequence_id"] == sid].sort_values("frame_index")["id"]
+        got = labeler.probabilities(frames["images"][[row[i] for i in ids]])
+        assert np.abs(got - want["outputs"][k]).max() < 1e-5
+    # on a video: the demo sequence's frames on a canvas
+    seq = sorted((root / "data/demo_sequences/frames").iterdir())[0]
+    writer = cv2.VideoWriter(str(tmp_path / "demo.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (640, 480))
+    for f in sorted(seq.iterdir()):
+        canvas = np.full((480, 640), 100, np.uint8)
+        canvas[100:340, 200:440] = cv2.resize(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), (240, 240))
+        writer.write(cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    table = fer.recognize_video(tmp_path / "demo.mp4", sequence_model=labeler)
+    tracked = table[table["success"] == 1]
+    assert len(tracked) >= 1 and set(tracked["track_label"]) <= set(labeler.classes)
+    assert tracked.groupby("face_id")["track_label"].nunique().max() == 1
+    with pytest.raises(RecognizeError, match="sequence model not found"):
+        TrackLabeler(tmp_path / "missing.pt")
 
 
 def test_iou_tracker_keeps_and_starts_ids():

@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tta", type=int, default=0, help="test-time augmentation copies averaged with the plain prediction")
     r.add_argument("--every", type=int, default=1, help="videos: every Nth frame")
     r.add_argument("--max-frames", type=int, default=None, help="videos: at most this many kept frames")
+    r.add_argument("--sequence-model", metavar="MODEL_PT", help="videos: train_sequence's model.pt, applied to each "
+                   "face track (columns track_label, track_probability); run from the project root")
     r.add_argument("--batch-size", type=int, default=256, help="faces per network batch")
     r.add_argument("--margin", type=float, default=1.0, help="> 1 shows the model more around each face than FER-2013's framing")
     r.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default: every core)")
@@ -63,7 +65,8 @@ def _recognize(a) -> int:
     import cv2
     import pandas as pd
 
-    from ferpipe.recognize import Recognizer, draw, expand_inputs, is_video, results_table
+    from ferpipe.recognize import (Recognizer, TrackLabeler, draw, expand_inputs, is_video, label_tracks,
+                                   results_table)
 
     if a.every < 1 or a.batch_size < 1 or a.tta < 0 or (a.max_frames is not None and a.max_frames < 1):
         raise UsageError("--every, --batch-size and --max-frames must be >= 1, --tta >= 0")
@@ -72,6 +75,7 @@ def _recognize(a) -> int:
                      margin=a.margin, threads=a.threads)
     inputs, missing = expand_inputs(a.paths)
     failures = list(missing)
+    labeler = TrackLabeler(a.sequence_model) if a.sequence_model else None
     images = [p for p in inputs if not is_video(p)]
     videos = [p for p in inputs if is_video(p)]
     annotate = Path(a.annotate) if a.annotate else None
@@ -90,13 +94,17 @@ def _recognize(a) -> int:
             failures.append((str(video), "--crops takes images, not videos"))
             continue
         try:
-            frames = list(fer.video_results(video, a.every, a.max_frames, progress=not a.quiet))
+            frames = list(fer.video_results(video, a.every, a.max_frames, progress=not a.quiet,
+                                            keep_crops=labeler is not None))
+            table = results_table(frames, fer.classes)
+            if labeler:
+                table = label_tracks(table, frames, labeler)
         except ValueError as err:
             failures.append((str(video), str(err).removeprefix(f"{video}: ")))
             continue
         if annotate:
             _annotate_video(video, frames, annotate / (_safe_name(video) + ".mp4"), a.every)
-        tables.append(results_table(frames, fer.classes))
+        tables.append(table)
     table = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \
         else results_table([], fer.classes)
     _write_table(table, a.out, fer.classes)

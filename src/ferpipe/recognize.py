@@ -86,6 +86,7 @@ class Result:
     frame: int = 0
     timestamp: float = 0.0
     face_ids: list[int] = field(default_factory=list)
+    crops: list[np.ndarray] = field(default_factory=list, repr=False)   # video: the faces' crops, on request
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -352,14 +353,20 @@ class Recognizer:
 
     # -- video ----------------------------------------------------------------------------------
     def recognize_video(self, path, every: int = 1, max_frames: int | None = None, progress: bool = False,
-                        tracker: "IoUTracker | None" = None) -> pd.DataFrame:
+                        tracker: "IoUTracker | None" = None, sequence_model=None) -> pd.DataFrame:
         """Per kept frame and face (every Nth frame, at most max_frames): a DataFrame with frame,
-        timestamp and a face_id kept across frames by an IoU tracker. A video that does not open or
-        has no decodable frame is a RecognizeError."""
-        return results_table(list(self.video_results(path, every, max_frames, progress, tracker)), self.classes)
+        timestamp and a face_id kept across frames by an IoU tracker. With ``sequence_model`` (a
+        train_sequence model.pt, or a TrackLabeler) every row also gets its track's ``track_label`` and
+        ``track_probability``: the sequence model over all of that face's crops. A video that does not
+        open or has no decodable frame is a RecognizeError."""
+        labeler = sequence_model if isinstance(sequence_model, TrackLabeler) or sequence_model is None \
+            else TrackLabeler(sequence_model)
+        results = list(self.video_results(path, every, max_frames, progress, tracker, keep_crops=labeler is not None))
+        table = results_table(results, self.classes)
+        return label_tracks(table, results, labeler) if labeler is not None else table
 
     def video_results(self, path, every: int = 1, max_frames: int | None = None, progress: bool = False,
-                      tracker: "IoUTracker | None" = None) -> Iterator[Result]:
+                      tracker: "IoUTracker | None" = None, keep_crops: bool = False) -> Iterator[Result]:
         from tqdm import tqdm
 
         if int(every) < 1:
@@ -393,6 +400,8 @@ class Recognizer:
                 gray = to_gray(frame)
                 faces_cut, faces, r.reason = self._faces(gray, crops=False)
                 r.face_ids = tracker.update([f[0] for f in faces])
+                if keep_crops:
+                    r.crops = faces_cut
                 batch.append(r)
                 pending += [(len(batch) - 1, f) for f in faces]
                 cut += faces_cut
@@ -455,6 +464,101 @@ class IoUTracker:
         return [int(i) for i in ids]
 
 
+# ------------------------------------------------------------------------------------ sequences
+
+class TrackLabeler:
+    """train_sequence's model.pt applied to the face crops of each video track: one label per face_id.
+
+    The frames go through what made the model's training features: the features file it was trained
+    on (its meta, path relative to the project root) names the CNN checkpoint and the layer and holds
+    its standardization; a model that kept its own training statistics (train_sequence does) applies
+    those to the raw features instead, as ``train_sequence --test-only`` does. The CNN's input comes
+    from its checkpoint's preprocessing record (Recognizer.model_inputs). Classification models only.
+    """
+
+    def __init__(self, model_path, root: str | os.PathLike | None = None):
+        from ferpipe.sequences.models import load_sequence_model
+        from ferpipe.store import read_attrs, read_h5
+
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise RecognizeError(f"{model_path}: sequence model not found")
+        try:
+            self.model, info = load_sequence_model(model_path)
+        except Exception as e:
+            raise RecognizeError(f"{model_path}: not a train_sequence model ({str(e).splitlines()[0][:120]})") from None
+        meta = info.get("meta") or {}
+        if meta.get("regression") or (meta.get("config") or {}).get("task") == "regress":
+            raise RecognizeError(f"{model_path}: a regression sequence model; track labels need a classifier")
+        self.classes = list(meta["classes"])
+        self.config = meta.get("config") or {}
+        feats = self._find(meta.get("features", ""), model_path, root)
+        attrs = read_attrs(feats)
+        if attrs.get("mode") != "cnn":
+            raise RecognizeError(f"{feats}: features of mode {attrs.get('mode')!r}; track labels need CNN features")
+        self.layer = str(attrs["layer"])
+        cnn = self._find(attrs["checkpoint"], model_path, root)
+        self.cnn = Recognizer(cnn)
+        self.tap_model, _ = load_checkpoint(cnn)          # unfolded: the layer names the features used
+        stats = read_h5(feats, ["mean", "std"]) if attrs.get("standardized") else {}
+        self.mean = torch.from_numpy(stats["mean"]) if stats else None
+        self.std = torch.from_numpy(stats["std"]) if stats else None
+        self.input_mean = torch.tensor(meta["input_mean"], dtype=torch.float32) if meta.get("input_mean") is not None else None
+        self.input_std = torch.tensor(meta["input_std"], dtype=torch.float32) if meta.get("input_mean") is not None else None
+
+    @staticmethod
+    def _find(path: str, model_path: Path, root) -> Path:
+        """A path the pipeline recorded relative to its project root: tried under `root`, under each
+        folder above the model file, then as given."""
+        p = Path(path)
+        if p.is_absolute():
+            if p.exists():
+                return p
+            raise RecognizeError(f"{path}: recorded by {model_path} but not found")
+        for base in [*([Path(root)] if root else []), *model_path.resolve().parents, Path(".")]:
+            if (base / p).exists():
+                return base / p
+        raise RecognizeError(f"{path}: recorded by {model_path} but not found (run from the project root, or "
+                             "pass the project root)")
+
+    @torch.no_grad()
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        """Class probabilities [K] for one track's crops [T, ingest_size, ingest_size], in frame order."""
+        from ferpipe.sequences.features import LayerTap
+        from ferpipe.train.data import normalize, split_channels
+
+        member = self.cnn.members[0]
+        pixels = torch.from_numpy(self.cnn.model_inputs(crops)[0]).float().div_(255.0)
+        tap = LayerTap(self.tap_model, self.layer)
+        try:
+            x = tap(*split_channels(normalize(pixels, member.spec)))
+        finally:
+            tap.close()
+        if self.input_mean is not None:    # the model's own training statistics, on the raw features
+            x = (x - self.input_mean) / self.input_std
+        elif self.mean is not None:       # else the features file's
+            x = (x - self.mean) / self.std
+        rho, max_len = int(self.config.get("rho") or 0), int(self.config.get("max_len") or 0)
+        keep = rho or max_len
+        if keep:
+            x = x[-keep:]
+        logits = self.model.steps(x[None].float())[0, -1]
+        return torch.softmax(logits, 0).numpy().astype(np.float64)
+
+
+def label_tracks(table: pd.DataFrame, results: list[Result], labeler: TrackLabeler) -> pd.DataFrame:
+    """Add track_label / track_probability: the sequence model over each face_id's crops (results made
+    with keep_crops)."""
+    tracks: dict[int, list[np.ndarray]] = {}
+    for r in results:
+        for fid, crop in zip(r.face_ids, r.crops):
+            tracks.setdefault(fid, []).append(crop)
+    probs = {fid: labeler.probabilities(np.stack(c)) for fid, c in tracks.items()}
+    return table.assign(
+        track_label=[labeler.classes[int(probs[f].argmax())] if f in probs else "" for f in table["face_id"]],
+        track_probability=[float(probs[f].max()) if f in probs else float("nan") for f in table["face_id"]])
+
+
 # ------------------------------------------------------------------------------------------ tables
 
 def results_table(results: list[Result], classes: list[str]) -> pd.DataFrame:
@@ -478,8 +582,8 @@ def results_table(results: list[Result], classes: list[str]) -> pd.DataFrame:
             if f.landmarks is not None:
                 row.update(zip(coords, np.concatenate([f.landmarks[:, 0], f.landmarks[:, 1]]).astype(float)))
             rows.append(row)
-    table = pd.DataFrame(rows, columns=columns)
-    return table.astype({"frame": int, "face_id": int, "success": int})
+    table = pd.DataFrame.from_records(rows, columns=columns)
+    return table.astype({"frame": int, "face_id": int, "success": int}).copy()
 
 
 # --------------------------------------------------------------------------------------------- draw
