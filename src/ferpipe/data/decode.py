@@ -148,18 +148,14 @@ def _video_frame(path: str, index: int) -> np.ndarray:
     return frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
 
 
-def decode_image(source, size: int, box=None) -> np.ndarray:
-    """Decode a path or the bytes of an image to uint8 [size, size] grayscale.
-
-    `box` = (x, y, w, h) in pixels of the (orientation-corrected) image crops before resizing; it is
-    clipped to the image, and a box with nothing inside is an error. Raises ImageError(reason) for a
-    missing, empty, truncated, corrupt or unrecognised file. A source "<video>#frame=<n>" (the
-    video reader's rows) is frame n of that video, decoded with OpenCV.
+def decode_gray(source) -> np.ndarray:
+    """Decode a path or the bytes of an image to full-resolution uint8 gray [H, W] (EXIF orientation
+    applied, alpha on black, 16-bit/float scaled as the module docstring says). Raises ImageError(reason).
+    A source "<video>#frame=<n>" (the video reader's rows) is frame n of that video, decoded with OpenCV.
     """
     if isinstance(source, (str, os.PathLike)) and (m := _VIDEO_FRAME.match(str(source))) \
             and not os.path.exists(source):
-        gray = _video_frame(m.group(1), int(m.group(2)))
-        return resize(_crop(gray, box) if box is not None else gray, size)
+        return _video_frame(m.group(1), int(m.group(2)))
     data = _read_source(source)
     try:
         with warnings.catch_warnings():
@@ -178,9 +174,18 @@ def decode_image(source, size: int, box=None) -> np.ndarray:
         raise ImageError(f"{reason} ({msg})" if msg else reason) from None
     if gray.size == 0:
         raise ImageError("image has no pixels")
-    if box is not None:
-        gray = _crop(gray, box)
-    return resize(gray, size)
+    return gray
+
+
+def decode_image(source, size: int, box=None) -> np.ndarray:
+    """Decode a path or the bytes of an image (``decode_gray``) to uint8 [size, size] grayscale.
+
+    `box` = (x, y, w, h) in pixels of the (orientation-corrected) image crops before resizing; it is
+    clipped to the image, and a box with nothing inside is an error. Raises ImageError(reason) for a
+    missing, empty, truncated, corrupt or unrecognised file.
+    """
+    gray = decode_gray(source)
+    return resize(_crop(gray, box) if box is not None else gray, size)
 
 
 def decode_pixels(pixels: str, size: int, side: int = 48) -> np.ndarray:
