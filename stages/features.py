@@ -1,6 +1,7 @@
 """Stage features: frames -> HDF5 in the LSTM-on-CNN layout (outputs [N,C,H,W], label, seq_number, ...).
 
-Mode cnn runs a trained CNN checkpoint (the training stage's .pt) over every frame in large batches
+Mode cnn runs a trained CNN checkpoint (by default the FER-2013 model bundled with ferpipe; or the
+training stage's .pt, or its models folder) over every frame in large batches
 and dumps one layer (--layer: a module name such as fc1, classifier.fc1, dropout, layer4; "flatten" =
 the input of the first Linear layer; "logits"); a vector layer is stored as [N, D, 1, 1]. Instead of a
 checkpoint, --backbone resnet18 --weights FILE builds a torchvision backbone from a local weights file.
@@ -22,7 +23,7 @@ from ferpipe.sequences.features import MODES, run_features
 from ferpipe.stagecli import run_stage, stage_parser
 
 # used where params.yaml has no sequence.features section (the same values as conf/config.yaml)
-DEFAULTS = {"mode": "cnn", "checkpoint": "models", "backbone": "", "weights": "", "layer": "flatten",
+DEFAULTS = {"mode": "cnn", "checkpoint": "src/ferpipe/weights/fer2013_vgg7.pt", "backbone": "", "weights": "", "layer": "flatten",
             "batch_size": 1024, "standardize": True, "stats_from": "", "size": 48, "guide": "", "landmarks": ""}
 
 

@@ -90,8 +90,8 @@ def test_exp_run_model_landmarks_reruns_only_training_and_shows_in_metrics(proj)
     try:
         ran = ran_stages(out)
         assert {"train", "evaluate"} <= set(ran) and not preprocessing(ran), out
-        # the sequence features come from the new CNN (its landmarks maps made from the frames' landmarks)
-        assert {"features", "train_sequence"} <= set(ran), out
+        # the sequence features come from the bundled CNN (sequence.features.checkpoint): nothing to redo there
+        assert not {"features", "train_sequence"} & set(ran), out
         name = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)
         ev = json.loads((proj.root / "metrics/eval.json").read_text())
         assert ev["model"] == "landmarks"
@@ -110,7 +110,7 @@ def test_exp_run_model_landmarks_reruns_only_training_and_shows_in_metrics(proj)
 def test_repro_runs_the_sequence_stages_on_the_demo_sequences(proj):
     ran = ran_stages(proj.first_repro)
     assert set(SEQUENCE_PREP + ["features", "train_sequence"]) <= set(ran), ran
-    assert ran.index("features") > max(ran.index("train"), ran.index("landmarks_sequences"))
+    assert ran.index("features") > ran.index("landmarks_sequences")
     assert ran.index("train_sequence") > ran.index("features")
     m = json.loads((proj.root / "metrics/sequence.json").read_text())
     assert m["model"] == "lstm" and m["sequences"] == 16 and m["subject_independent"] and len(m["per_fold"]) == 4
@@ -120,7 +120,29 @@ def test_repro_runs_the_sequence_stages_on_the_demo_sequences(proj):
     assert (proj.root / "data/sequences/model.pt").is_file() and (proj.root / "plots/sequence/confusion.png").is_file()
     lock = yaml.safe_load((proj.root / "dvc.lock").read_text())["stages"]
     assert "sequence.lstm.hidden" in lock["train_sequence"]["params"]["params.yaml"]  # leaf keys
-    assert any(d["path"] == "models" for d in lock["features"]["deps"])            # the train stage's CNN
+    bundled = "src/ferpipe/weights/fer2013_vgg7.pt"                                  # the bundled CNN, not models
+    assert any(d["path"] == bundled for d in lock["features"]["deps"])
+    assert not any(d["path"] == "models" for d in lock["features"]["deps"])
+    assert json.loads((proj.root / "metrics/features.json").read_text())["checkpoint"].endswith("fer2013_vgg7.pt")
+
+
+def test_image_experiments_rerun_no_sequence_stage_unless_asked(proj):
+    out = proj.dvc("exp", "run", "-S", "model=vgg")
+    try:
+        ran = ran_stages(out)
+        assert {"train", "evaluate"} <= set(ran) and not preprocessing(ran), out
+        assert not {"features", "train_sequence"} & set(ran), out
+    finally:
+        _restore(proj)
+    # opting in: the sequence features from this pipeline's own CNN (models/), rerun after train
+    out = proj.dvc("exp", "run", "-S", "sequence.features.checkpoint=models")
+    try:
+        ran = ran_stages(out)
+        assert ran == ["features", "train_sequence"], out
+        lock = yaml.safe_load((proj.root / "dvc.lock").read_text())["stages"]
+        assert any(d["path"] == "models" for d in lock["features"]["deps"])
+    finally:
+        _restore(proj)
 
 
 def test_lstm_param_reruns_only_train_sequence(proj):
@@ -162,3 +184,83 @@ def test_sequence_stages_on_real_ck(proj, sequences_dir):
         assert json.loads((proj.root / "metrics/ingest_sequences.json").read_text())["images"] == frames
     finally:
         _restore(proj)
+
+
+# ----------------------------------------------------------------------- recipes, -S, one-screen results
+
+def _changed_lines(p, path="params.yaml"):
+    diff = p.run("git", "diff", "-U0", "--", path).stdout.splitlines()
+    return [ln for ln in diff if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+
+
+def test_exp_run_changes_one_params_line_and_does_not_carry_into_the_next_run(proj):
+    """Hydra composition: every `dvc exp run` writes params.yaml from conf/ + its own -S."""
+    try:
+        out = proj.dvc("exp", "run", "-S", "evaluate.tta=1")
+        assert ran_stages(out) == ["evaluate"], out
+        assert _changed_lines(proj) == ["-  tta: 0", "+  tta: 1"]          # the rest of the file untouched
+        out = proj.dvc("exp", "run", "-S", "evaluate.seed=7")
+        assert _changed_lines(proj) == ["-  seed: 2020", "+  seed: 7"]      # tta=1 did not carry over
+        assert ran_stages(out) == ["evaluate"], out
+        assert ran_stages(proj.dvc("repro")) == []                           # the workspace is that experiment's
+        bad = proj.dvc("exp", "run", "-S", "evaluate.tta_agument.hflip=0", check=False)   # a misspelt key
+        assert "tta_agument" in bad and not ran_stages(bad), bad
+        assert _changed_lines(proj) == ["-  seed: 2020", "+  seed: 7"]
+    finally:
+        _restore(proj)
+
+
+def test_exp_show_after_two_experiments_fits_120_columns_with_the_summary_first(proj):
+    proj.dvc("exp", "remove", "-A")
+    try:
+        names = []
+        for model in ("original", "landmarks"):
+            out = proj.dvc("exp", "run", "-S", f"model={model}")
+            names.append(re.search(r"Ran experiment\(s\): (\S+)", out).group(1))
+            _restore(proj)
+        res = proj.run(sys.executable, "-m", "dvc", "exp", "show", "--only-changed", "--no-pager")
+        table = res.stdout
+        widths = [len(ln) for ln in table.splitlines()]
+        assert max(widths) <= 120, "\n" + table
+        assert all(n in table for n in names) and "test_acc" in table and "landmarks" in table, table
+        header = next(ln for ln in table.splitlines() if "Experiment" in ln)
+        assert header.index("test_acc") < header.index("model"), header     # the summary first
+        shown = proj.dvc("metrics", "show")
+        assert shown.splitlines()[0].split()[:2] == ["Path", "model"] or "test_acc" in shown.splitlines()[0], shown
+        assert "metrics/results.json" in shown and "metrics/eval.json" not in shown and "per_class" not in shown
+        assert max(len(ln) for ln in shown.splitlines()) <= 160, shown
+        # the details stay one command away
+        detail = proj.dvc("metrics", "show", "metrics/eval.json")
+        assert "balanced_accuracy" in detail, detail
+    finally:
+        _restore(proj)
+
+
+def test_plots_show_uses_a_local_vega_template(proj, tmp_path):
+    """With the template setup.sh builds from the npm packages (here from stand-in tarballs: no network),
+    `dvc plots show` writes a page that loads no script from a CDN; PNG learning curves are plots too."""
+    import io
+    import tarfile
+    from ferpipe.vega_offline import PACKAGES, main as build
+    tarballs = []
+    for name in PACKAGES:
+        tgz = tmp_path / f"{name}.tgz"
+        with tarfile.open(tgz, "w:gz") as tar:
+            for member, text in (("package/package.json", json.dumps({"name": name, "version": "0.0.1",
+                                                                         "jsdelivr": f"build/{name}.min.js"})),
+                                 (f"package/build/{name}.min.js", f"window.stand_in_{name.replace('-', '_')} = 1;")):
+                info = tarfile.TarInfo(member)
+                info.size = len(text.encode())
+                tar.addfile(info, io.BytesIO(text.encode()))
+        tarballs.append(str(tgz))
+    template = tmp_path / "dvc_plots_template.html"
+    build(tarballs + ["--out", str(template)])
+    proj.dvc("config", "--local", "plots.html_template", str(template))
+    try:
+        proj.dvc("plots", "show", "-o", str(tmp_path / "page"))
+        page = (tmp_path / "page" / "index.html").read_text()
+        assert "window.stand_in_vega_embed = 1;" in page and "vegaEmbed(" in page
+        assert "cdn.jsdelivr" not in page and "<script src=" not in page
+        assert "curves.png" in page                                           # the static learning curves
+    finally:
+        proj.dvc("config", "--local", "--unset", "plots.html_template")

@@ -637,9 +637,16 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
                                    "  train: {epochs: 4, patience: 5, seed: 3, lr: 0.003}\n")
     args = ["--params", str(w / "params.yaml"), "--features", str(w / "f.h5"), "--model-out", str(w / "seq.pt"),
             "--metrics", str(w / "seq.json"), "--plots", str(w / "plots"), "--predictions", str(w / "pred.csv"),
-            "--live", str(w / "live"), "--epochs", "15"]
+            "--live", str(w / "live"), "--epochs", "15", "--results", str(w / "results.json")]
+    capsys.readouterr()
     load_stage("train_sequence").main(args)
     m = json.loads((w / "seq.json").read_text())
+    out = capsys.readouterr().out.splitlines()     # progress: what runs, a line per fold, the final model
+    assert out[0].startswith("train_sequence: lstm on 262 sequences") and "3-fold" in out[0]
+    assert [ln.split(":")[0] for ln in out[1:5]] == ["fold 0", "fold 1", "fold 2", "final model"], out
+    headline = json.loads((w / "results.json").read_text())  # the one-screen summary (a DVC metric)
+    assert list(headline) == ["seq_accuracy_mean", "seq_accuracy_std", "seq_macro_f1", "seq_model", "sequences"]
+    assert headline["seq_accuracy_mean"] == m["mean"]["accuracy"] and headline["sequences"] == 262
     assert m["model"] == "lstm" and m["sequences"] == 262 and m["subject_independent"] is True
     assert len(m["per_fold"]) == 3 and all(f["epochs"] <= 15 for f in m["per_fold"])
     assert set(m["mean"]) >= {"accuracy", "macro_f1", "auc"} and set(m["std"]) >= {"accuracy"}

@@ -221,6 +221,30 @@ def test_fit_moves_the_localization_net_at_its_own_rate(art, monkeypatch):
     assert all(loc == pytest.approx(0.25 * rest) for rest, loc in seen) and seen[0][0] == pytest.approx(1e-2)
 
 
+def test_localization_warmup_ramps_the_localization_rate_from_zero(art, monkeypatch):
+    data = load_data(art["split"], "soft", gray48=art["gray48"], guides_dir=art["guides"])
+    seen = []
+
+    class Spy(torch.optim.Adam):
+        def step(self, closure=None):
+            seen.append([(g["localization"], g["lr"]) for g in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    tr = data.train_rows(exclude_fold=0)
+    cfg = FitConfig(max_epochs=3, batch_size=16, lr=1e-2, localization_warmup=2, log_every=0, progress=False)
+    fit(build_model("soft", 3), data, tr, None, cfg, CPU1)
+    per_epoch = len(train_batches(tr, 16, torch.Generator().manual_seed(0)))
+    warm = 2 * per_epoch
+    assert [loc for loc, _ in seen[0]] == [False, True]                # its own group, even at localization_lr 1
+    assert all(rest == pytest.approx(1e-2) for (_, rest), _ in seen)   # the rest of the network: the full rate
+    assert [loc for _, (_, loc) in seen] == pytest.approx([1e-2 * min(1, (s + 1) / warm) for s in range(len(seen))])
+    assert len(seen) == 3 * per_epoch and seen[warm - 1][1][1] == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="localization_warmup"):
+        fit(build_model("soft", 3), data, tr, None, FitConfig(max_epochs=1, localization_warmup=-1, log_every=0,
+                                                               progress=False), CPU1)
+
+
 def test_params_and_folds_are_checked():
     with pytest.raises(ValueError, match="unknown train params"):
         resolve_params({"epochs": 3})
@@ -245,11 +269,38 @@ def test_fit_learns_and_keeps_the_best_validation_epoch(art):
     assert res.best_val_acc >= 0.9, accs                                     # the easy task is learned
     model.load_state_dict(res.best_state)
     crit = torch.nn.CrossEntropyLoss()
-    loss, acc = evaluate_rows(model, data, va, crit, CPU1)
+    loss, acc, _ = evaluate_rows(model, data, va, crit, CPU1)
     assert acc == pytest.approx(res.best_val_acc)                            # the state kept is that epoch's
     # without validation rows: exactly max_epochs, last state
     res2 = fit(build_model("baseline", 3), data, tr, None, FitConfig(max_epochs=2, log_every=0, progress=False), CPU1)
     assert res2.epochs == 2 and res2.best_epoch == 2 and res2.best_val_acc is None
+
+
+def test_balanced_accuracy_of_a_constant_answer_and_selection_by_it(art):
+    data = load_data(art["split"], "baseline", gray48=art["gray48"], guides_dir=art["guides"])
+    rows = data.val_rows(0)
+
+    class Constant(torch.nn.Module):           # always answers class 2
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, guide=None):
+            return torch.tensor([0.0, 0.0, 1.0]).repeat(len(x), 1) + self.w
+
+    loss, acc, bal = evaluate_rows(Constant(), data, rows, torch.nn.CrossEntropyLoss(), CPU1)
+    share = float((data.targets[rows] == 2).float().mean())
+    assert acc == pytest.approx(share) and bal == pytest.approx(1 / 3)
+    seed_everything(0)
+    cfg = FitConfig(max_epochs=6, patience=0, batch_size=16, lr=3e-3, select="balanced_accuracy", log_every=0,
+                    progress=False)
+    res = fit(build_model("baseline", 3), data, data.train_rows(exclude_fold=0), rows, cfg, CPU1)
+    bals = [h["val_bal_acc"] for h in res.history]
+    assert res.best_score == max(bals) and res.best_epoch == bals.index(max(bals)) + 1
+    assert res.best_val_acc == res.history[res.best_epoch - 1]["val_acc"]
+    with pytest.raises(ValueError, match="select"):
+        fit(build_model("baseline", 3), data, rows, rows, FitConfig(max_epochs=1, select="f1", log_every=0,
+                                                                   progress=False), CPU1)
 
 
 # ---------------------------------------------------------------------------- k-fold CV stage
@@ -341,7 +392,7 @@ def test_torchrun_two_cpu_processes(art, tmp_path):
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "stages/train.py"),
            "--params", str(tmp_path / "params.yaml"), "--split", art["split"], "--gray48", art["gray48"],
            "--guides", art["guides"], "--models", str(tmp_path / "models"), "--metrics", str(tmp_path / "train.json"),
-           "--live", str(tmp_path / "live")]
+           "--live", str(tmp_path / "live"), "--curves", str(tmp_path / "curves.png")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -352,3 +403,4 @@ def test_torchrun_two_cpu_processes(art, tmp_path):
         assert info["model"] == "soft" and "DDP" in info["meta"]["device"]
     m = json.loads((tmp_path / "train.json").read_text())
     assert m["folds"]["0"]["epochs"] == 2 and m["final"]["epochs"] >= 1
+    assert (tmp_path / "curves.png").stat().st_size > 10_000  # rank 0 draws the learning curves

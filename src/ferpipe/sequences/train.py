@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ferpipe.live import live_curves
 from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, parse_first, prefix_length, true_class_curve
@@ -39,6 +40,10 @@ from ferpipe.sequences.models import KINDS, build_sequence_model, init_encoder, 
 from ferpipe.store import atomic_path, write_csv, write_h5, write_json
 
 TASKS = ("classify", "regress")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)  # a line per fold as it ends, also when stdout is a log file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +347,10 @@ def fit(model: nn.Module, data: SequenceData, train: Samples, val: Samples, cfg:
     do_aug = cfg.augment and data.in_shape[1] > 1
     best, best_epoch, since, history = math.inf, -1, 0, []
     best_state = copy.deepcopy(model.state_dict())
-    for epoch in range(cfg.epochs):
+    # a bar over the epochs on a terminal (disable=None): dvc repro shows it, captured logs stay clean
+    bar = tqdm(range(cfg.epochs), desc=(prefix.rstrip("/") or "train"), unit="epoch", leave=False, disable=None,
+               dynamic_ncols=True)
+    for epoch in bar:
         model.train()
         perm = torch.randperm(len(train), generator=gen)
         total = 0.0
@@ -373,8 +381,12 @@ def fit(model: nn.Module, data: SequenceData, train: Samples, val: Samples, cfg:
             best_state = copy.deepcopy(model.state_dict())
         else:
             since += 1
-            if since > cfg.patience:
-                break
+        bar.set_postfix_str(f"train loss {train_loss:.4f} | val loss {val_loss:.4f}"
+                            + (f" acc {val_acc:.4f}" if cfg.task == "classify" else "")
+                            + f" | best {best:.4f} @ {best_epoch}", refresh=False)
+        if since > cfg.patience:
+            break
+    bar.close()
     model.load_state_dict(best_state)
     model.eval()
     return {"best_epoch": best_epoch, "best_val_loss": best, "epochs": len(history), "history": history}
@@ -514,7 +526,7 @@ def evaluate_samples(model, data: SequenceData, samples: Samples, cfg: SequenceC
     return m, steps
 
 
-def cross_validate(data: SequenceData, cfg: SequenceConfig, live=None, progress=print) -> dict:
+def cross_validate(data: SequenceData, cfg: SequenceConfig, live=None, progress=_say) -> dict:
     """k-fold CV (test fold i, validation fold i+1, the rest trains): per-fold metrics, mean, std,
     pooled out-of-fold predictions and confusion."""
     fold, grouped = sequence_folds(data, cfg.folds, cfg.seed)
@@ -586,7 +598,7 @@ def _round(obj):
 
 
 def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, predictions_csv=None,
-                       live_dir=None, cfg: SequenceConfig | None = None, progress=print) -> dict:
+                       live_dir=None, cfg: SequenceConfig | None = None, progress=_say) -> dict:
     """Cross-validate, then train and save the final model; write metrics, confusion PNG, predictions."""
     cfg = cfg or SequenceConfig()
     cfg.validate()
@@ -594,6 +606,10 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
         torch.set_num_threads(int(cfg.threads))
     t0 = time.perf_counter()
     data = load_sequences(features_h5, cfg.task)
+    if progress:
+        progress(f"train_sequence: {cfg.model} on {len(data.starts)} sequences ({len(data.X)} frames), "
+                 f"{cfg.folds}-fold cross-validation{' + the final model' if cfg.final else ''}, "
+                 f"up to {cfg.epochs} epochs each")
     with live_curves(live_dir) as live:
         cv = cross_validate(data, cfg, live, progress)
         final_info = {}
@@ -602,6 +618,9 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
             final_data = data.fold_view(np.flatnonzero(fold != 0))
             model, final_info = train_one(final_data, np.flatnonzero(fold != 0), np.flatnonzero(fold == 0), cfg,
                                           cfg.seed * 1000 + cfg.folds, live, "final/")
+            if progress:
+                progress(f"final model: best epoch {final_info['best_epoch']}/{final_info['epochs']} "
+                         f"(train {final_info['n_train']}, val {final_info['n_val']})")
     seconds = time.perf_counter() - t0
     metrics = {"model": cfg.model, "task": cfg.task, "folds": cfg.folds, "rho": cfg.rho,
                "anticipation_first": cfg.anticipation_first, "subject_independent": cv["subject_independent"],

@@ -32,7 +32,7 @@ from ferpipe.train.loop import (FitConfig, Runtime, class_weights, fit, seed_eve
 
 DEFAULTS = {
     "seed": 2020, "folds": "all", "final": False, "max_epochs": 500, "patience": 30, "batch_size": 128,
-    "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant", "localization_lr": 1.0,
+    "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant", "localization_lr": 1.0, "localization_warmup": 0.0, "select": "accuracy",
     "class_weights": True, "label_smoothing": 0.0, "standardize": True,
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
@@ -115,9 +115,11 @@ def _fold_spec(data: TensorData, rows: torch.Tensor, standardize: bool) -> Input
     return spec
 
 
-def chance_check(data: TensorData, rows: torch.Tensor, acc: float | None, desc: str) -> dict:
-    """Is `acc` on `rows` no better than always answering their most common class? Returns
-    {"chance": that class's share, "at_chance": bool} and prints a warning when it is.
+def chance_check(data: TensorData, rows: torch.Tensor, acc: float | None, desc: str,
+                 balanced: float | None = None) -> dict:
+    """Is a model no better than a constant answer on `rows`: accuracy `acc` at most the share of their
+    most common class, and (when given) balanced accuracy at most 1 / the classes present? Returns
+    {"chance": that share, "at_chance": bool} and prints a warning when it is.
 
     A run that never learns ends there: the spatial transformer whose sampling grid left the image
     (README, "Runs that never learn"), or early stopping before the model beats a constant answer.
@@ -127,6 +129,8 @@ def chance_check(data: TensorData, rows: torch.Tensor, acc: float | None, desc: 
         return {}
     share = float(counts.max() / counts.sum())
     at_chance = bool(acc <= share + 1e-9)
+    if balanced is not None:
+        at_chance = at_chance and balanced <= 1 / int((counts > 0).sum()) + 1e-9
     if at_chance:
         cls = data.classes[int(counts.argmax())]
         print(f"WARNING: {desc} ended at chance level: accuracy {acc:.4f} <= {share:.4f}, the share of its "
@@ -150,6 +154,7 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
     cfg = FitConfig(max_epochs=max_epochs, patience=prm["patience"], batch_size=prm["batch_size"],
                     eval_batch_size=prm["eval_batch_size"], lr=prm["lr"], weight_decay=prm["weight_decay"],
                     lr_schedule=prm["lr_schedule"], localization_lr=float(prm["localization_lr"]),
+                    localization_warmup=float(prm["localization_warmup"]), select=prm["select"],
                     label_smoothing=float(prm["label_smoothing"]), seed=seed,
                     progress=prm["progress"], log_every=prm["log_every"])
     with live_curves(live_dir, rt.is_main) as live:
@@ -191,18 +196,20 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
             live = f"{live_root}/fold{k}" if live_root else None
             model, res, kw = train_one(name, data, train_rows, val_rows, prm, rt, prm["seed"] + k,
                                        prm["max_epochs"], live, f"fold {k}")
-            metrics["folds"][str(k)] = {"val_acc": res.best_val_acc, "val_loss": res.best_val_loss,
-                                        "best_epoch": res.best_epoch, "epochs": res.epochs,
-                                        "train_rows": len(train_rows), "val_rows": len(val_rows),
-                                        **chance_check(data, val_rows, res.best_val_acc, f"fold {k}")}
+            metrics["folds"][str(k)] = {"val_acc": res.best_val_acc, "val_bal_acc": res.best_val_bal_acc,
+                                        "val_loss": res.best_val_loss, "best_epoch": res.best_epoch,
+                                        "epochs": res.epochs, "train_rows": len(train_rows), "val_rows": len(val_rows),
+                                        **chance_check(data, val_rows, res.best_val_acc, f"fold {k}",
+                                                       res.best_val_bal_acc)}
             if rt.is_main:
                 save_checkpoint(models_dir / f"fold{k}.pt", model, name, data.classes, kw, {
                     **base_meta, "fold": k, "best_epoch": res.best_epoch, "val_acc": res.best_val_acc,
                     "val_loss": res.best_val_loss, "epochs": res.epochs, "history": res.history,
                     "input": data.spec.to_dict(),  # no timings: a rerun writes identical bytes
                     "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
-                print(f"fold {k}: best val acc {res.best_val_acc:.4f} at epoch {res.best_epoch} "
-                      f"({res.epochs} epochs, {res.seconds:.1f} s, {res.images_per_s:.0f} img/s)", flush=True)
+                print(f"fold {k}: best epoch {res.best_epoch} by validation {prm['select']}: acc {res.best_val_acc:.4f}, "
+                      f"balanced {res.best_val_bal_acc:.4f} ({res.epochs} epochs, {res.seconds:.1f} s, "
+                      f"{res.images_per_s:.0f} img/s)", flush=True)
         accs = np.array([m["val_acc"] for m in metrics["folds"].values()], dtype=float)
         epochs = np.array([m["best_epoch"] for m in metrics["folds"].values()], dtype=float)
         metrics["n_folds"] = len(folds)
