@@ -25,14 +25,14 @@ run() {  # name model split.csv extra -S overrides...
   local o=$OUT/$name; mkdir -p "$o"
   /usr/bin/time -f "train wall %e s, cpu %U+%S s" $PY stages/train.py --model "$model" --split "$split" \
     --gray48 $D/gray48/images.h5 --guides $D/guides --models "$o/models" --metrics "$o/train.json" \
-    --live "$o/dvclive" -S threads=$T "$@" > "$o/train.log" 2>&1
+    --live "$o/dvclive" --curves "$o/curves.png" -S threads=$T "$@" > "$o/train.log" 2>&1
   tail -n 1 "$o/train.log"
 }
 
 evaluate() {  # name split.csv tta
   local o=$OUT/$1
   $PY stages/evaluate.py --models "$o/models" --split "$2" --gray48 $D/gray48/images.h5 --guides $D/guides \
-    --metrics "$o/eval_tta$3.json" --predictions "$o/predictions_tta$3.csv" --confusion "$o/confusion_tta$3.png" \
+    --metrics "$o/eval_tta$3.json" --results "$o/results_tta$3.json" --train-metrics "$o/train.json" --predictions "$o/predictions_tta$3.csv" --confusion "$o/confusion_tta$3.png" \
     --errors "$o/errors_tta$3.png" -S threads=$T -S tta=$3 > "$o/eval_tta$3.log" 2>&1
   grep -E "^accuracy" "$o/eval_tta$3.log" | sed "s/^/$1 tta $3 PublicTest /"
 }

@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu_check}; W=/tmp/gpu_work; mkdir -p "$OUT" $W
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import recipe_search as r; r.unpack(Path('.carry/fer7pack'), Path('$W'))"
-common=(--split .carry/fer7pack/split.csv --gray48 $W/gray48.h5 --guides $W/none --live "" -S folds=[0] -S log_every=1)
+common=(--split .carry/fer7pack/split.csv --gray48 $W/gray48.h5 --guides $W/none --live "" --curves "" -S folds=[0] -S log_every=1)
 for amp in false true; do
   python3 stages/train.py --model baseline "${common[@]}" --models $W/m_amp$amp --metrics $W/t_amp$amp.json \
     -S device=cuda -S amp=$amp -S max_epochs=3 2>&1 | grep -E "^train|^fold|epoch" | tee "$OUT/cuda_amp_$amp.log"

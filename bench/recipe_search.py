@@ -84,11 +84,11 @@ def launch(name: str, extra: list[str], gray48: Path, split: Path, out: Path, de
     py = sys.executable
     train = [py, str(REPO / "stages/train.py"), "--model", "vgg", "--split", str(split), "--gray48", str(gray48),
              "--guides", str(out / "noguides"), "--models", str(o / "models"), "--metrics", str(o / "train.json"),
-             "--live", "", "-S", f"device={device}", "-S", "amp=false", "-S", "deterministic=false",
+             "--live", "", "--curves", str(o / "curves.png"), "-S", f"device={device}", "-S", "amp=false", "-S", "deterministic=false",
              "-S", f"threads={threads}", "-S", "log_every=5", *COMMON, *folds, *extra]
     evals = [[py, str(REPO / "stages/evaluate.py"), "--models", str(o / "models"), "--split", str(split),
               "--gray48", str(gray48), "--guides", str(out / "noguides"), "--metrics", str(o / f"eval_tta{t}.json"),
-              "--predictions", "", "--confusion", "", "--errors", "", "-S", f"tta={t}", "-S", f"device={device}",
+              "--results", "", "--predictions", "", "--confusion", "", "--errors", "", "-S", f"tta={t}", "-S", f"device={device}",
               "-S", f"threads={threads}"] for t in (0, 10)]
     script = " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in [train, *evals])
     log = open(o / "log.txt", "w")

@@ -21,6 +21,8 @@ def parser():
     p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--size", type=int, help="override landmarks.size")
     p.add_argument("--passes", nargs="+", choices=PASSES, help="override landmarks.passes")
+    p.add_argument("--passes-param", default="landmarks.passes",
+                   help="the param holding the passes (the sequence frames': sequence.landmarks_passes)")
     p.add_argument("--workers", type=int, help="override landmarks.workers (0 = every core)")
     return p
 
@@ -28,8 +30,11 @@ def parser():
 def main(argv=None):
     a = parser().parse_args(argv)
     prm = load_params(a.params, "landmarks")
+    passes = load_params(a.params)
+    for key in a.passes_param.split("."):
+        passes = passes[key]
     print(run_landmarks(a.images, a.out, a.metrics or None, a.sheet or None,
-                        size=a.size or prm["size"], passes=a.passes or prm["passes"],
+                        size=a.size or prm["size"], passes=a.passes if a.passes is not None else passes,
                         workers=prm["workers"] if a.workers is None else a.workers, chunk=prm["chunk"]))
 
 

@@ -212,6 +212,35 @@ def test_stn_identity_at_init_equals_simple_cnn():
             torch.testing.assert_close(stn(x, guide), cnn(x), atol=1e-5, rtol=1e-5)
 
 
+def test_stn_theta_bound_keeps_the_window_on_the_image():
+    """theta_bound: the identity (and its gradient) at initialization, each entry within the bound of the
+    identity whatever the localization net outputs; 0 = unbounded (Guided-ST); the same state_dict."""
+    torch.manual_seed(0)
+    x, guide = batch(4), batch(4, seed=3)
+    free, bounded = STN(C, "guided").eval(), STN(C, "guided", theta_bound=0.5).eval()  # eval: no dropout
+    bounded.load_state_dict(free.state_dict())                       # no new weights or buffers
+    eye = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    torch.testing.assert_close(bounded.theta(x, guide), eye.expand(4, 2, 3))
+    for net in (free, bounded):                                      # the same first gradient
+        net.zero_grad()
+        net(x, guide).sum().backward()
+    torch.testing.assert_close(bounded.localization.fc_loc[2].bias.grad, free.localization.fc_loc[2].bias.grad)
+    with torch.no_grad():                                            # a runaway: translation 8 widths, zoom 40x
+        for net in (free, bounded):
+            net.localization.fc_loc[2].bias.copy_(torch.tensor([40.0, 3, -8, -2, 40, 8]))
+    assert free.theta(x, guide).abs().max() == 40 and ((bounded.theta(x, guide) - eye).abs() <= 0.5).all()
+    with torch.no_grad():                                            # the runaway seen on FER-2013: 8 widths off
+        for net in (free, bounded):
+            net.localization.fc_loc[2].bias.copy_(torch.tensor([1.0, 0, -8, 0, 1, 8]))
+    theta = bounded.theta(x, guide)
+    assert ((theta - eye).abs() <= 0.5).all() and ((theta - eye).abs() > 0.49).any()
+    warped = bounded.warp(x, guide)
+    assert (warped.abs() > 0).float().mean() > 0.2                   # it still sees the image, not only padding
+    assert (free.warp(x, guide) == 0).all()                          # unbounded: only zero padding
+    with pytest.raises(ValueError, match="bound"):
+        Localization(48, bound=-1)
+
+
 @pytest.mark.parametrize("factory", [lambda: SimpleCNN(C), lambda: STN(C, "original")])
 def test_dropout_off_in_eval_on_in_train(factory):
     torch.manual_seed(0)

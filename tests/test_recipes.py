@@ -62,7 +62,9 @@ def test_recipe_values():
     p = {r: yaml.safe_load(compose_params(CONF, [f"recipe={r}"])) for r in ("quick", "cpu60", "paper", "bundled")}
     paper = p["paper"]["train"]
     assert (p["paper"]["task"], paper["folds"], paper["max_epochs"], paper["patience"], paper["lr"],
-            paper["lr_schedule"], paper["class_weights"]) == ("polarity", "all", 500, 30, 0.001, "constant", True)
+            paper["lr_schedule"], paper["class_weights"], paper["batch_size"]) == (
+        "polarity", "all", 500, 30, 0.001, "constant", True, 128)
+    assert paper["select"] == "balanced_accuracy"  # the one change from Guided-ST (README: Runs that never learn)
     for r in ("quick", "cpu60", "bundled"):
         t = p[r]["train"]
         assert (p[r]["model"], p[r]["task"], t["folds"], t["final"], t["lr_schedule"], t["class_weights"],
@@ -94,3 +96,37 @@ def test_composed_text_changes_one_line_per_changed_value():
     assert len(old) == len(new)
     changed = [(a, b) for a, b in zip(old, new) if a != b]
     assert changed == [("  lr: 0.001", "  lr: 0.002")], changed
+
+
+def test_guideless_recipes_skip_face_detection_and_guided_models_then_refuse(fer_dir, tmp_path):
+    """quick / cpu60 / bundled train a model without a guide map, so they turn the images' landmark detection off
+    (28 min of the 2-core CPU on FER-2013) and leave the sequence frames' passes alone; on real FER-2013 faces the
+    landmarks stage then finds no face, and a guided model trained on such guides stops with a one-line error."""
+    from conftest import fer_slice
+    from ferpipe.guides.maps import run_guide
+    from ferpipe.faces.landmarks import run_landmarks
+    from ferpipe.store import read_h5, write_h5
+    from ferpipe.train.data import InputSpec, check_guides_found_faces
+
+    base = yaml.safe_load(compose_params(CONF))
+    for name in ("quick", "cpu60", "bundled"):
+        p = yaml.safe_load(compose_params(CONF, [f"recipe={name}"]))
+        assert p["landmarks"]["passes"] == [] and p["model"] == "vgg", name
+        assert p["sequence"]["landmarks_passes"] == base["sequence"]["landmarks_passes"] == base["landmarks"]["passes"]
+    images, _ = fer_slice(fer_dir, per_class=2)
+    ids = [f"im{i}" for i in range(len(images))]
+    write_h5(tmp_path / "gray48.h5", {"images": images, "ids": ids}, {"stage": "gray48", "size": 48})
+    for passes in ([], ["dlib"]):
+        d = tmp_path / f"p{len(passes)}"
+        d.mkdir()
+        summary = run_landmarks(str(tmp_path / "gray48.h5"), str(d / "lm.h5"), None, None, passes=passes, workers=1)
+        found = read_h5(d / "lm.h5", ["found"])["found"]
+        assert (not found.any()) if not passes else found.mean() > 0.5, summary
+        run_guide("soft", str(tmp_path / "gray48.h5"), str(d / "lm.h5"), str(d / "soft.h5"))
+        spec = InputSpec(image="gray48", guide="soft", size=48, mean=[0, 0], std=[1, 1])
+        if passes:
+            check_guides_found_faces(spec, d)
+        else:
+            with pytest.raises(ValueError, match="without face detection.*landmarks.passes"):
+                check_guides_found_faces(spec, d)
+    check_guides_found_faces(InputSpec(image="gray48", guide=None, size=48, mean=[0], std=[1]), tmp_path / "p0")

@@ -61,7 +61,9 @@ def test_chance_check_on_real_fer_rows(fer_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("WARNING: fold 0 ended at chance level") and "Runs that never learn" in out
     assert chance_check(data, rows, share + 1 / len(rows), "fold 0")["at_chance"] is False
-    assert capsys.readouterr().out == ""
+    assert chance_check(data, rows, share, "fold 0", balanced=0.4)["at_chance"] is False   # learned a balanced answer
+    assert chance_check(data, rows, share, "fold 0", balanced=1 / 3)["at_chance"] is True
+    assert capsys.readouterr().out.count("WARNING") == 1
 
 
 def test_train_and_evaluate_stages_write_curves_chance_flags_and_the_headline(fer_dir, tmp_path):
@@ -80,7 +82,7 @@ def test_train_and_evaluate_stages_write_curves_chance_flags_and_the_headline(fe
     assert set(train["folds"]) == {"0", "1"} and all("at_chance" in f for f in train["folds"].values())
     assert train["folds_at_chance"] == [int(k) for k, f in train["folds"].items() if f["at_chance"]]
     for f in train["folds"].values():   # 2 epochs on 60 rows: a fold may still give a constant answer
-        assert f["at_chance"] == (f["val_acc"] <= f["chance"] + 1e-6), f
+        assert f["at_chance"] == (f["val_acc"] <= f["chance"] + 1e-6 and f["val_bal_acc"] <= 1 / 3 + 1e-6), f
     png = cv2.imread(str(tmp_path / "curves.png"))
     assert png is not None and png.shape[1] > 600
     load_stage("evaluate").main(common + ["--metrics", str(tmp_path / "eval.json"), "--results",

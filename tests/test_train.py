@@ -216,7 +216,7 @@ def test_fit_moves_the_localization_net_at_its_own_rate(art, monkeypatch):
 
     monkeypatch.setattr(torch.optim, "Adam", Spy)
     cfg = FitConfig(max_epochs=1, batch_size=64, lr=1e-2, localization_lr=0.25, lr_schedule="cosine",
-                    log_every=0, progress=False)
+                    localization_warmup=0, log_every=0, progress=False)
     fit(build_model("soft", 3), data, data.train_rows(exclude_fold=0), None, cfg, CPU1)
     assert all(loc == pytest.approx(0.25 * rest) for rest, loc in seen) and seen[0][0] == pytest.approx(1e-2)
 
@@ -259,7 +259,7 @@ def test_fit_learns_and_keeps_the_best_validation_epoch(art):
     data = load_data(art["split"], "baseline", gray48=art["gray48"], guides_dir=art["guides"])
     data.spec.mean, data.spec.std = [0.2], [0.3]
     model = build_model("baseline", 3)
-    cfg = FitConfig(max_epochs=40, patience=6, batch_size=16, lr=3e-3, log_every=0, progress=False)
+    cfg = FitConfig(max_epochs=40, patience=6, batch_size=16, lr=3e-3, select="accuracy", log_every=0, progress=False)
     tr, va = data.train_rows(exclude_fold=0), data.val_rows(0)
     res = fit(model, data, tr, va, cfg, CPU1)
     accs = [h["val_acc"] for h in res.history]

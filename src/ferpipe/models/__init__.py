@@ -74,7 +74,7 @@ def _factory(name: str) -> Callable[..., nn.Module]:
 def build_model(name: str, num_classes: int, **kw: Any) -> nn.Module:
     """Build a registry model. Extra keywords go to its constructor:
 
-    SimpleCNN/STN: ``in_size``, ``dropout``; RMN: ``in_size``, ``in_channels``, ``stem``,
+    SimpleCNN/STN: ``in_size``, ``dropout`` (STN also ``theta_bound``); RMN: ``in_size``, ``in_channels``, ``stem``,
     ``mask_depths``, ``dropout``, ``weights_path``; resnet18: ``weights_path``, ``in_channels``;
     vgg: ``width``, ``blocks``, ``dropout``, ``in_channels``.
     """

@@ -17,6 +17,11 @@ Architecture facts (DESIGN.md section 4.1), input [B, 1, 48, 48], no padding any
 
   48 -> 42 -> 21 -> 17 -> 8, so 640 features. The last layer starts with zero weights and the
   identity affine bias [1, 0, 0, 0, 1, 0], so at initialization the transformer is the identity.
+  ``bound`` > 0 (not in Guided-ST) keeps each of the 6 entries within ``bound`` of the identity:
+  theta = I + bound * tanh((raw - I) / bound), the identity and its gradient at initialization
+  unchanged. With 0.5 the sampled window is between half and 1.5 times the image, shifted by at most
+  a quarter of it: it can no longer run off the image (the runaway that leaves the classifier only zero
+  padding, README "Runs that never learn"). 0 = unbounded, as Guided-ST.
 
 * ``STN``: theta = Localization(source) as a 2x3 affine matrix; the grid is
   ``F.affine_grid(theta, image.shape, align_corners=False)`` and the image is resampled with
@@ -90,9 +95,12 @@ class Localization(nn.Module):
     Its last layer (``fc_loc[2]``) starts at zero weights and the identity affine bias.
     """
 
-    def __init__(self, in_size: int = 48):
+    def __init__(self, in_size: int = 48, bound: float = 0.0):
         super().__init__()
         self.in_size = int(in_size)
+        if bound < 0:
+            raise ValueError(f"theta bound must be >= 0 (0 = unbounded), got {bound}")
+        self.bound = float(bound)
         side = ((self.in_size - 6) // 2 - 4) // 2
         if side < 1:
             raise ValueError(f"in_size={in_size} is too small for Localization (needs >= 20)")
@@ -121,7 +129,11 @@ class Localization(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.features(x), 1)
-        return self.fc_loc(x).view(-1, 2, 3)
+        theta = self.fc_loc(x).view(-1, 2, 3)
+        if self.bound > 0:
+            eye = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=theta.dtype, device=theta.device)
+            theta = eye + self.bound * torch.tanh((theta - eye) / self.bound)
+        return theta
 
 
 class STN(nn.Module):
@@ -142,18 +154,20 @@ class STN(nn.Module):
     network differs; only the inputs do (see ``ferpipe.models.MODEL_SPECS``).
 
     Sampling: ``affine_grid`` + ``grid_sample``, bilinear, zero padding, ``align_corners=False``.
+    ``theta_bound``: see ``Localization`` (0 = unbounded, Guided-ST; training sets train.stn_bound).
     """
 
     head_path = "classifier.fc2"
 
-    def __init__(self, num_classes: int, mode: str = "original", in_size: int = 48, dropout: float = 0.5):
+    def __init__(self, num_classes: int, mode: str = "original", in_size: int = 48, dropout: float = 0.5,
+                 theta_bound: float = 0.0):
         super().__init__()
         if mode not in STN_MODES:
             raise ValueError(f"STN mode must be one of {STN_MODES}, got {mode!r}")
         self.mode = mode
         self.num_classes = int(num_classes)
         self.in_size = int(in_size)
-        self.localization = Localization(in_size)
+        self.localization = Localization(in_size, bound=theta_bound)
         self.classifier = SimpleCNN(num_classes, in_size=in_size, dropout=dropout)
 
     def _source(self, image: torch.Tensor, guide: torch.Tensor | None) -> torch.Tensor:

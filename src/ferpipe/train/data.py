@@ -246,5 +246,18 @@ def load_data(split_csv: str | os.PathLike, model: str, model_kwargs: dict | Non
     channels = 1 if ms["guide"] is None else 2
     spec = InputSpec(image=ms["image"], guide=ms["guide"], size=model_size(model, model_kwargs),
                      mean=[0.0] * channels, std=[1.0] * channels)
+    check_guides_found_faces(spec, guides_dir)
     pixels = load_pixels(table, spec.image, spec.guide, gray48, guides_dir)
     return TensorData(pixels, table, classes, spec, device)
+
+
+def check_guides_found_faces(spec: InputSpec, guides_dir: str | os.PathLike = "data/guides") -> None:
+    """A guide drawn from landmarks that no detector looked for (``landmarks.passes: []``, what the
+    quick / cpu60 / bundled recipes set, since their model needs no guide) holds the same fixed face
+    for every image: training a guided model on it would be a silent lie, so it is an error."""
+    for kind in {spec.image, spec.guide} - {"gray48", None}:
+        path = Path(guides_dir) / f"{kind}.h5"
+        if path.is_file() and read_attrs(path).get("landmarks_passes", None) == []:
+            raise ValueError(f"guide '{kind}' was drawn without face detection (landmarks.passes is [], as "
+                             "in the quick/cpu60/bundled recipes): add -S 'landmarks.passes=[dlib,dlib_equalized,"
+                             "dlib_padded,mtcnn,haar,mmod]' (conf/config.yaml's default) to train a guided model")

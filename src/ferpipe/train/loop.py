@@ -131,8 +131,8 @@ class FitConfig:
     weight_decay: float = 0.0
     lr_schedule: str = "constant"     # constant (Guided-ST) | cosine (per batch, to 0 at max_epochs)
     localization_lr: float = 1.0      # STN localization net's rate as a fraction of lr (1 = Guided-ST)
-    localization_warmup: float = 0.0  # epochs over which the localization net's rate ramps up from 0 (0 = none)
-    select: str = "accuracy"          # the validation figure that picks the best epoch: accuracy | balanced_accuracy
+    localization_warmup: float = 1.0  # epochs over which the localization net's rate ramps up from 0 (0 = none)
+    select: str = "balanced_accuracy"  # the validation figure that picks the best epoch: balanced_accuracy | accuracy
     label_smoothing: float = 0.0      # CrossEntropy label smoothing of the training loss (validation loss: none)
     seed: int = 2020
     progress: bool | None = None      # None: a bar when stderr is a terminal

@@ -32,7 +32,7 @@ from ferpipe.train.loop import (FitConfig, Runtime, class_weights, fit, seed_eve
 
 DEFAULTS = {
     "seed": 2020, "folds": "all", "final": False, "max_epochs": 500, "patience": 30, "batch_size": 128,
-    "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant", "localization_lr": 1.0, "localization_warmup": 0.0, "select": "accuracy",
+    "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant", "localization_lr": 1.0, "localization_warmup": 1.0, "stn_bound": 0.0, "select": "balanced_accuracy",
     "class_weights": True, "label_smoothing": 0.0, "standardize": True,
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
@@ -115,6 +115,15 @@ def _fold_spec(data: TensorData, rows: torch.Tensor, standardize: bool) -> Input
     return spec
 
 
+def model_kwargs(name: str, prm: dict) -> dict:
+    """train.model_kwargs, plus train.stn_bound as a spatial transformer's theta_bound (unless the
+    kwargs set it): stored in the checkpoint, so the model loads as it was trained."""
+    kw = dict(prm["model_kwargs"])
+    if MODEL_SPECS[name]["stn_mode"] is not None:
+        kw.setdefault("theta_bound", float(prm["stn_bound"]))
+    return kw
+
+
 def chance_check(data: TensorData, rows: torch.Tensor, acc: float | None, desc: str,
                  balanced: float | None = None) -> dict:
     """Is a model no better than a constant answer on `rows`: accuracy `acc` at most the share of their
@@ -145,7 +154,7 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
     seed_everything(seed, prm["deterministic"])
     data.spec = _fold_spec(data, train_rows, prm["standardize"])
     weights = class_weights(data.class_counts(train_rows)) if prm["class_weights"] else None
-    model, stored_kwargs = make_model(name, len(data.classes), prm["model_kwargs"], prm["init_from"])
+    model, stored_kwargs = make_model(name, len(data.classes), model_kwargs(name, prm), prm["init_from"])
     model = model.to(rt.device)
     wrapped = model
     if rt.distributed:
