@@ -14,16 +14,21 @@ of kept rows (same order), the rejects table (every input not used, with the rea
 and a contact sheet (a row of samples per class). Nothing is written if the dataset cannot be read.
   ck_sequences CK+ frames/<sequence>/<frame>.png + labels.csv (options min_length, labels, frames)
   video        one video per sequence + a labels CSV (options every, max_frames, min_length, labels)
-Params: ingest.size, ingest.workers (0 = every core). The dataset comes from the params section
+Params: ingest.size, ingest.workers (0 = every core), ingest.max_file_mb (larger image files are
+rejected unread; 0 = no limit). The dataset comes from the params section
 --section (default `dataset`; the sequence stages use `sequence.dataset`): format, path, root, and
 any option the format's reader takes (split, sort, ignore_missing, min_length, every, max_frames,
-labels, ...). -O KEY=VALUE sets a reader option on the command line; a key the format does not take
-is an error there and ignored in params (one dataset section may serve several formats).
+labels, per_frame_labels, outside_root, ...). -O KEY=VALUE sets a reader option on the command
+line; a key the format does not take is an error there and ignored in params (one dataset section
+may serve several formats). Image paths of CSV/list formats must resolve inside the root unless
+outside_root=true. A dataset that cannot be read at all is a one-line error (exit 1).
 """
+import sys
+
 import argparse
 
 from ferpipe.data.ingest import run_ingest
-from ferpipe.data.readers import READERS, reader_options
+from ferpipe.data.readers import READERS, DatasetError, reader_options
 from ferpipe.params import add_override_option, load_params, overridden, params_section
 
 
@@ -65,12 +70,22 @@ def main(argv=None):
         if key not in allowed:
             p.error(f"format {fmt} takes no {key} option (it takes: {', '.join(allowed) or 'none'})")
         options[key] = value
-    result = run_ingest(
-        fmt, a.path or ds["path"], a.root if a.root is not None else ds.get("root", ""),
-        a.out, a.manifest, a.rejects, a.metrics, a.sheet or None,
-        size=a.size or prm.get("size", 48),
-        workers=a.workers if a.workers is not None else prm.get("workers", 0),
-        options=options, progress=not a.quiet)
+    size = a.size if a.size is not None else prm.get("size", 48)
+    workers = a.workers if a.workers is not None else prm.get("workers", 0)
+    max_mb = prm.get("max_file_mb", 0)
+    if not isinstance(size, int) or size < 1:
+        p.error(f"size must be a whole number of pixels >= 1, got {size!r}")
+    if not isinstance(workers, int) or workers < 0:
+        p.error(f"workers must be >= 0 (0 = every core), got {workers!r}")
+    if not isinstance(max_mb, (int, float)) or max_mb < 0:
+        p.error(f"ingest.max_file_mb must be >= 0 (0 = no limit), got {max_mb!r}")
+    try:
+        result = run_ingest(
+            fmt, a.path or ds["path"], a.root if a.root is not None else ds.get("root", ""),
+            a.out, a.manifest, a.rejects, a.metrics, a.sheet or None, size=size, workers=workers,
+            options=options, progress=not a.quiet, max_file_mb=max_mb)
+    except DatasetError as e:  # the dataset as a whole cannot be read: one line, not a traceback
+        sys.exit(f"ingest: {e}")
     print(result)
 
 
