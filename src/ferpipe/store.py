@@ -274,7 +274,7 @@ class OutputSet:
         self.entries: list[dict] = []
         seen = set()
         for p, is_dir in [(p, False) for p in files if p] + [(p, True) for p in dirs if p]:
-            target = staged(p)  # inside an outer set: stage within its staging
+            target = _staged(p) or _abs(p)  # inside an outer set: stage within its staging
             if target in seen:
                 continue
             seen.add(target)
@@ -416,12 +416,17 @@ def writes(*files: str, dirs: Iterable[str] = ()):
     return wrap
 
 
+def _staged(path: str | os.PathLike) -> Path | None:
+    """The staging path of `path` in the open output sets (absolute), or None when none declares it."""
+    p = q = _abs(path)
+    for s in _ACTIVE:
+        q = s.path(q) or q
+    return None if q == p else q
+
+
 def staged(path: str | os.PathLike) -> Path:
     """Where a write to `path` goes now: its staging path inside the open output sets, else path."""
-    p = _abs(path)
-    for s in _ACTIVE:
-        p = s.path(p) or p
-    return p
+    return _staged(path) or Path(path)
 
 
 @contextlib.contextmanager
@@ -436,8 +441,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             with atomic_path(path) as tmp:
                 yield tmp
         return
-    tmp = staged(path)
-    if tmp == _abs(path):
+    tmp = _staged(path)
+    if tmp is None:
         raise ValueError(f"{path} is written inside an output set that does not declare it "
                          f"(declared: {[e['target'] for s in _ACTIVE for e in s.entries]})")
     tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import numpy as np
 
 from ferpipe.data.decode import resize
 from ferpipe.plots import grid, sample_indices, write_png
-from ferpipe.store import read_attrs, read_h5, write_h5
+from ferpipe.store import read_attrs, read_h5, write_h5, writes
 
 
 def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
@@ -18,6 +18,7 @@ def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+@writes("out_path", "sheet_path")
 def run_gray(images_path: str, out_path: str, sheet_path: str | None, size: int = 48) -> dict:
     data = read_h5(images_path, ["images", "ids"])
     out = resize_batch(data["images"], size)
