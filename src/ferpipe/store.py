@@ -32,9 +32,10 @@ decorator) does it:
     folder locks: the result is one run's complete set, never a mix.
 The staged bytes are the bytes of a direct write, so reruns stay byte-identical.
 
-`FERPIPE_FAULT=<point>[@<n>]:<kill|enospc>[,...]` injects a fault at the n-th (default 1st) pass
-of a named point: enter, staged (a file written to staging), decide (just before the commit
-decision), renamed (a target replaced), done (the set committed). tests/test_faults.py uses it.
+`FERPIPE_FAULT=<point>[@<n>]:<kill|enospc|sleep<seconds>>[,...]` injects a fault at the n-th
+(default 1st) pass of a named point: enter (the set opened), staged (a file written to staging),
+decide (just before the commit decision), renamed (a target replaced), done (the set committed).
+tests/test_faults.py uses it.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ import re
 import secrets
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -77,6 +79,9 @@ def _fault(point: str) -> None:
         if name == point and _FAULT_COUNTS[point] == int(nth or 1):
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if action.startswith("sleep"):  # hold this point a while (tests of concurrent writers)
+                time.sleep(float(action[5:] or 2))
+                continue
             raise OSError(errno.ENOSPC, f"No space left on device (injected at {point}@{nth or 1})")
 
 
@@ -326,7 +331,7 @@ class OutputSet:
         for d in self.dirs:
             _remove(d / f".ferpipe-{self.token}.pending")
         self._close()
-        for d in self._made:  # deepest first
+        for d in sorted(self._made, key=lambda d: len(d.parts), reverse=True):  # deepest first
             with contextlib.suppress(OSError):
                 d.rmdir()
 
@@ -405,6 +410,9 @@ def writes(*files: str, dirs: Iterable[str] = ()):
 
     def wrap(fn):
         sig = inspect.signature(fn)
+        unknown = [s for s in (*files, *dirs) if not callable(s) and s not in sig.parameters]
+        if unknown:
+            raise TypeError(f"@writes: {fn.__name__} has no parameter {', '.join(unknown)}")
 
         @functools.wraps(fn)
         def run(*args, **kwargs):

@@ -374,8 +374,10 @@ def _listfile_sequences(entries: list[tuple], sort: bool, per_frame_labels: bool
                 continue
         labels = [tuple(entries[i][3]) for i in idx]
         if not per_frame_labels and len(set(labels)) > 1:
-            shown = ", ".join(f"{' '.join(f'{v:g}' for v in lab)} (line {line})"
-                              for lab, line in list(dict(zip(labels, lines)).items())[:4])
+            first: dict[tuple, int] = {}  # each label set at its first line
+            for lab, line in zip(labels, lines):
+                first.setdefault(lab, line)
+            shown = ", ".join(f"{' '.join(f'{v:g}' for v in lab)} (line {line})" for lab, line in list(first.items())[:4])
             bad[seq] = (f"labels disagree within sequence {seq}: {shown}; per_frame_labels=true keeps "
                         "per-frame labels")
     return bad

@@ -636,7 +636,6 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
     return {**metrics, "seconds": round(seconds, 2)}  # the time is returned and printed, not stored
 
 
-@writes("out_h5", "metrics_path")
 def _check_sequence_model(path) -> None:
     """ValueError naming the file's kind when it is not a train_sequence model (e.g. the image
     training stage's checkpoint, which has 'model' where a sequence model has 'kind')."""
@@ -654,6 +653,7 @@ def _check_sequence_model(path) -> None:
                      "(--model-out, default data/sequences/model.pt)")
 
 
+@writes("out_h5", "metrics_path")
 def run_test_only(model_path, features_h5, out_h5, metrics_path=None) -> dict:
     """Apply a saved sequence model to a features file; write its outputs (LSTM-on-CNN --test-only).
 
