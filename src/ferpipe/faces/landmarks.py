@@ -43,7 +43,7 @@ class Landmarks:
     found: np.ndarray  # bool [N]
     method: np.ndarray  # str [N]: the pass that found the face box, or "fallback"
     confidence: np.ndarray  # float32 [N]: the detector's own score (compare within one method)
-    box: np.ndarray  # float32 [N, 4] normalized (left, top, right, bottom)
+    box: np.ndarray  # float32 [N, 4] normalized (left, top, right, bottom): the whole-pixel box the predictor used
 
 
 class Detector:
@@ -100,7 +100,17 @@ class Detector:
         return (d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), float(d.confidence)
 
     def _mtcnn_batch(self, imgs: np.ndarray) -> list:
-        boxes, probs = self.mtcnn.detect(np.repeat(imgs[..., None], 3, axis=-1))
+        import warnings
+
+        import torch
+
+        # oneDNN's convolutions take a code path per CPU instruction set (AVX2, AVX-512, ...): its boxes
+        # and scores differed in the last bits between machines. ATen's convolution does not (measured:
+        # ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY change nothing then), at ~1.2x MTCNN time.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about TF32 on Intel GPUs when the flags change
+            with torch.backends.mkldnn.flags(enabled=False):
+                boxes, probs = self.mtcnn.detect(np.repeat(imgs[..., None], 3, axis=-1))
         out = []
         for b, p in zip(boxes, probs):
             if b is None:
@@ -141,11 +151,13 @@ class Detector:
         box_arr = np.empty((n, 4), np.float32)
         fb = tuple(v * s for v, s in zip(FALLBACK_BOX, (w, h, w, h)))
         for i in range(n):
-            l, t, r, b = boxes[i] if boxes[i] is not None else fb
-            rect = self.dlib.rectangle(int(round(l)), int(round(t)), int(round(r)), int(round(b)))
-            shape = self.predictor(imgs[i], rect)
+            l, t, r, b = (int(round(v)) for v in (boxes[i] if boxes[i] is not None else fb))
+            shape = self.predictor(imgs[i], self.dlib.rectangle(l, t, r, b))
             points[i] = [(p.x, p.y) for p in shape.parts()]
+            # the whole-pixel box the predictor ran on: a detector's float box differs in its last bits
+            # between CPUs (BLAS code paths), the pixels it rounds to (and so the points) do not
             box_arr[i] = (l, t, r, b)
+        conf = np.round(conf, 4)  # the same: a score, comparable within a method, to 4 decimals
         points /= np.array([w, h], np.float32)
         box_arr /= np.array([w, h, w, h], np.float32)
         found = method != FALLBACK
