@@ -137,6 +137,43 @@ def fer_ab(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
+# the output set itself (in process)
+
+def test_output_set_is_all_or_nothing(tmp_path):
+    from ferpipe.store import output_set, staged, write_json, write_text
+
+    a, b, models = tmp_path / "m/a.json", tmp_path / "p/b.txt", tmp_path / "models"
+    with output_set([a, b], dirs=[models]):
+        write_json(a, {"v": 1})
+        write_text(b, "one")
+        write_text(models / "fold0.pt", "w0")
+        write_text(models / "fold1.pt", "w1")
+        assert not a.exists() and staged(a) != a  # nothing visible before the block ends
+    old = snap([a, b, models])
+    with pytest.raises(RuntimeError):  # an exception: the old set stays, staging is gone
+        with output_set([a, b], dirs=[models]):
+            write_json(a, {"v": 2})
+            write_text(models / "fold0.pt", "new")
+            raise RuntimeError("boom")
+    assert snap([a, b, models]) == old and strays([a, b, models]) == []
+    with pytest.raises(ValueError, match="does not declare it"):  # a write the set does not declare
+        with output_set([a]):
+            write_json(tmp_path / "m/other.json", {})
+    assert snap([a, b, models]) == old
+    with output_set([a, b], dirs=[models]):  # a declared file not written is not part of the new set
+        write_json(a, {"v": 3})
+        write_text(models / "fold0.pt", "only")
+        with output_set([models / "final.pt"]):  # nested: commits into the outer staging
+            write_text(models / "final.pt", "f")
+        assert not (models / "final.pt").exists()
+    assert not b.exists() and sorted(p.name for p in models.iterdir()) == ["final.pt", "fold0.pt"]
+    with pytest.raises(OSError):  # a failing run creates no folders
+        with output_set([tmp_path / "new/deep/x.json"]):
+            raise OSError("disk")
+    assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------------------------
 # ingest: kill -9 / ENOSPC at every point of the commit
 
 # (fault, the set expected afterwards): before the decision the old set stays, after it the next

@@ -68,7 +68,7 @@ _FAULT_COUNTS: dict[str, int] = {}
 
 
 def _fault(point: str) -> None:
-    """Fault injection for tests: FERPIPE_FAULT=<point>[@<n>]:<kill|enospc>, comma-separated."""
+    """Fault injection for tests (see the module docstring): kill, sleep<s>, anything else ENOSPC."""
     spec = os.environ.get("FERPIPE_FAULT")
     if not spec:
         return
@@ -114,6 +114,8 @@ def _fsync_tree(p: Path) -> None:
     """Flush a staged file (or every file of a staged folder) to disk before it is renamed in."""
     files = [p] if p.is_file() else [Path(r, f) for r, _, fs in os.walk(p) for f in fs]
     for f in files:
+        if f.is_symlink() or not f.is_file():
+            continue
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -133,7 +135,10 @@ def _locked(dirs: Iterable[Path]) -> Iterator[None]:
             if d in _HELD:
                 _HELD[d][1] += 1
             else:
-                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # a folder of a dead run's journal that is gone: nothing there to protect
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 _HELD[d] = [fd, 1]
             taken.append(d)
@@ -261,7 +266,7 @@ def settle(path: str | os.PathLike) -> None:
     try:
         if not any(_JOURNAL.match(n) for n in os.listdir(d)):
             return
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # no folder, or not one we may list: nothing to settle here
         return
     with _settled([d]):
         pass
