@@ -65,6 +65,10 @@ class GrayInception3(GrayInput, tvm.Inception3):
     min_size = 75
 
 
+_OLD_DENSENET = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
 class GrayDenseNet(GrayInput, tvm.DenseNet):
     stem_key = "features.conv0.weight"
     head_path = "classifier"
@@ -73,8 +77,7 @@ class GrayDenseNet(GrayInput, tvm.DenseNet):
     @staticmethod
     def translate_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """torchvision's DenseNet ImageNet files still use ``denselayerN.norm.1``: rename to ``norm1``."""
-        pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-        return {(pattern.sub(lambda m: m[1] + m[2], k)): v for k, v in state.items()}
+        return {_OLD_DENSENET.sub(r"\1\2", k): v for k, v in state.items()}
 
 
 def _vgg19(num_classes: int, batch_norm: bool) -> GrayVGG:
