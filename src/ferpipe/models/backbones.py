@@ -12,11 +12,12 @@ Loading a checkpoint (``load_weights``), the policy chosen:
 * The file may hold a bare state_dict or a dict with one under ``state_dict`` / ``model`` /
   ``net``; a ``module.`` prefix (DataParallel/DDP) is stripped.
 * Keys whose shapes match are copied.
-* The stem conv's weight (``model.stem_key``, default ``conv1.weight``) of another shape is *adapted*, not dropped: the input channels are summed
-  (3 -> 1; exact for a grayscale image stacked to 3 channels) or spread (1 -> 3, divided by 3),
-  then, only if the kernel sizes differ, the kernel is resampled (7x7 -> 3x3 by area averaging)
-  and scaled by (old area / new area) so a flat patch gives about the same response. This is an
-  approximation (the stride and the scale change too); fine-tune all layers afterwards.
+* The stem conv's weight (``model.stem_key``, default ``conv1.weight``) of another shape is
+  *adapted*, not dropped: the input channels are summed (3 -> 1; exact for a grayscale image
+  stacked to 3 channels) or spread (1 -> 3, divided by 3), then, only if the kernel sizes differ,
+  the kernel is resampled (7x7 -> 3x3 by area averaging) and scaled by (old area / new area) so a
+  flat patch gives about the same response. This is an approximation (the stride and the scale
+  change too); fine-tune all layers afterwards.
 * Head keys (``fc.*`` and ``model.head_path``) whose shapes differ (another class count), and head
   keys of another layout, are skipped and the new head keeps its fresh initialization.
 * What a model may declare (class attributes), for the checkpoints of its reference architecture:
