@@ -159,19 +159,16 @@ def _video_frame(path: str, index: int) -> np.ndarray:
     return frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
 
 
-def decode_image(source, size: int, box=None, max_bytes: int | None = None) -> np.ndarray:
-    """Decode a path or the bytes of an image to uint8 [size, size] grayscale.
-
-    `box` = (x, y, w, h) in pixels of the (orientation-corrected) image crops before resizing; it is
-    clipped to the image, and a box with nothing inside is an error. Raises ImageError(reason) for a
-    missing, empty, truncated, corrupt or unrecognised file. A source "<video>#frame=<n>" (the
-    video reader's rows) is frame n of that video, decoded with OpenCV. A file larger than
-    `max_bytes` is rejected before it is read (videos are not limited: they are read frame by frame).
+def decode_gray(source, max_bytes: int | None = None) -> np.ndarray:
+    """Decode a path or the bytes of an image to full-resolution uint8 gray [H, W] (EXIF orientation
+    applied, alpha on black, 16-bit/float scaled as the module docstring says). Raises ImageError(reason).
+    A source "<video>#frame=<n>" (the video reader's rows) is frame n of that video, decoded with OpenCV.
+    A file larger than `max_bytes` is rejected before it is read (videos are not limited: they are
+    read frame by frame).
     """
     if isinstance(source, (str, os.PathLike)) and (m := _VIDEO_FRAME.match(str(source))) \
             and not os.path.exists(source):
-        gray = _video_frame(m.group(1), int(m.group(2)))
-        return resize(_crop(gray, box) if box is not None else gray, size)
+        return _video_frame(m.group(1), int(m.group(2)))
     try:
         with warnings.catch_warnings(), _open_source(source, max_bytes) as f:
             warnings.simplefilter("ignore")  # PIL warns on odd metadata (EXIF, palette) it copes with
@@ -191,9 +188,18 @@ def decode_image(source, size: int, box=None, max_bytes: int | None = None) -> n
         raise ImageError(f"{reason} ({msg})" if msg else reason) from None
     if gray.size == 0:
         raise ImageError("image has no pixels")
-    if box is not None:
-        gray = _crop(gray, box)
-    return resize(gray, size)
+    return gray
+
+
+def decode_image(source, size: int, box=None, max_bytes: int | None = None) -> np.ndarray:
+    """Decode a path or the bytes of an image (``decode_gray``) to uint8 [size, size] grayscale.
+
+    `box` = (x, y, w, h) in pixels of the (orientation-corrected) image crops before resizing; it is
+    clipped to the image, and a box with nothing inside is an error. Raises ImageError(reason) for a
+    missing, empty, truncated, corrupt or unrecognised file, or one larger than `max_bytes`.
+    """
+    gray = decode_gray(source, max_bytes)
+    return resize(_crop(gray, box) if box is not None else gray, size)
 
 
 def decode_pixels(pixels: str, size: int, side: int = 48) -> np.ndarray:

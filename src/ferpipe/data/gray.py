@@ -23,7 +23,8 @@ def run_gray(images_path: str, out_path: str, sheet_path: str | None, size: int 
     data = read_h5(images_path, ["images", "ids"])
     out = resize_batch(data["images"], size)
     attrs = read_attrs(images_path)
-    attrs.update(stage="gray48", size=size)
+    # the ingest size is kept: inference must repeat both resizes (ingest's, then this one)
+    attrs.update(stage="gray48", size=size, ingest_size=int(attrs.get("size", data["images"].shape[-1])))
     write_h5(out_path, {"images": out, "ids": data["ids"]}, attrs)
     if sheet_path:
         idx = sample_indices(len(out), 32)

@@ -25,7 +25,7 @@ from ferpipe.evaluate.plots import confusion_png, errors_png
 from ferpipe.store import settle, write_csv, write_json, writes
 from ferpipe.train.augment import BatchAugment
 from ferpipe.train.checkpoint import load_checkpoint
-from ferpipe.train.data import InputSpec, TensorData, load_data
+from ferpipe.train.data import InputSpec, TensorData, load_data, normalize, split_channels
 
 DEFAULTS = {
     "members": "auto", "tta": 0, "tta_augment": {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05},
@@ -74,21 +74,29 @@ def select_checkpoints(models_dir: str | os.PathLike, members: str = "auto") -> 
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: InputSpec, tta: int = 0,
-            tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512) -> np.ndarray:
-    """Softmax probabilities [len(rows), C]; with tta > 0 averaged over the plain + tta augmented copies."""
-    data.spec = spec
+def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, spec: InputSpec, tta: int = 0,
+                   tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512) -> np.ndarray:
+    """Softmax probabilities [N, C] of uint8 pixels [N, C, S, S] (on the model's device), in batches of
+    `batch_size`; with tta > 0 averaged over the plain + tta augmented copies (one seeded stream, so the
+    same pixels in the same order and batches give the same numbers: evaluate and ferpipe.recognize)."""
     model.eval()
     aug = BatchAugment.from_params(tta_augment, seed=seed) if tta else None
     out = []
-    for idx in rows.split(batch_size):
-        image, guide, _ = data.batch(idx)
-        p = torch.softmax(model(image, guide).float(), 1)
+    for chunk in pixels.split(batch_size):
+        x = chunk.float().div_(255.0)
+        p = torch.softmax(model(*split_channels(normalize(x, spec))).float(), 1)
         for _ in range(int(tta)):
-            image, guide, _ = data.batch(idx, aug)
-            p += torch.softmax(model(image, guide).float(), 1)
+            p += torch.softmax(model(*split_channels(normalize(aug(x), spec))).float(), 1)
         out.append((p / (1 + int(tta))).cpu())
-    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(data.classes)))
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
+
+
+def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: InputSpec, tta: int = 0,
+            tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512) -> np.ndarray:
+    """Softmax probabilities [len(rows), C] of the rows of `data` (``predict_pixels``)."""
+    if len(rows) == 0:
+        return np.zeros((0, len(data.classes)))
+    return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size)
 
 
 @writes("metrics_path", "predictions_path", "confusion_path", "errors_path")

@@ -25,7 +25,7 @@ import numpy as np
 
 from ferpipe.faces.draw import draw_regions_batch
 from ferpipe.plots import draw_points, grid, sample_indices, write_png
-from ferpipe.store import read_h5, write_h5, writes
+from ferpipe.store import read_attrs, read_h5, write_h5, writes
 
 GUIDE_KINDS = ("landmarks", "soft", "dilation", "patches", "weighted", "saliency")
 
@@ -231,6 +231,7 @@ def run_guide(kind: str, images_path: str, landmarks_path: str | None, out_path:
     data = read_h5(images_path, ["images", "ids"])
     images, ids = _check_images(data["images"]), data["ids"]
     lm = found = None
+    made_with = {}  # how the landmarks were made: inference repeats it (ferpipe.recognize)
     if landmarks_path is not None:
         ldata = read_h5(landmarks_path, ["landmarks", "found", "ids"])
         lids = ldata["ids"]
@@ -244,6 +245,8 @@ def run_guide(kind: str, images_path: str, landmarks_path: str | None, out_path:
                              "rerun the landmarks stage on the same images")
         lm = _check_landmarks(ldata["landmarks"], len(images))
         found = np.asarray(ldata["found"], bool)
+        lattrs = read_attrs(landmarks_path)
+        made_with = {f"landmarks_{k}": lattrs[k] for k in ("size", "passes") if k in lattrs}
     elif kind != "saliency":
         raise ValueError(f"guide '{kind}' needs a landmarks file")
 
@@ -251,7 +254,7 @@ def run_guide(kind: str, images_path: str, landmarks_path: str | None, out_path:
     arrays = {"images": out, "ids": ids}
     if found is not None:
         arrays["found"] = found
-    attrs = {"stage": "guide", "kind": kind, "size": int(images.shape[1]), **prm}
+    attrs = {"stage": "guide", "kind": kind, "size": int(images.shape[1]), **prm, **made_with}
     write_h5(out_path, arrays, attrs)
 
     if sheet_path:

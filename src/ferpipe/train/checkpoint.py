@@ -6,11 +6,14 @@ Contents: {"model": registry name, "num_classes", "classes", "model_kwargs" (pas
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ferpipe.models import build_model
+from ferpipe.models import MODEL_SPECS, build_model
 from ferpipe.store import write_torch
 
 
@@ -23,13 +26,54 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, name: str, classe
     write_torch(path, payload)
 
 
+class CheckpointError(ValueError):
+    """A file that is not a usable ferpipe checkpoint; str(error) names the file and the problem."""
+
+
+_KEYS = ("model", "num_classes", "classes", "model_kwargs", "state_dict")
+
+
+def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint's dict, loaded with weights_only=True (a pickle that would run code is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found" if not path.exists() else f"{path}: not a file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):  # torch's zip format, or a pickle
+        raise CheckpointError(f"{path}: not a ferpipe checkpoint (not a torch file)")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
+        why = f" ({lines[0][:120]})" if lines else ""
+        raise CheckpointError(f"{path}: refused: loading it would run code or needs objects other than "
+                              f"tensors (torch.load weights_only){why}") from None
+    except Exception as e:  # not a torch zip/pickle at all, truncated, ...
+        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a ferpipe checkpoint (not a readable torch file: {msg})") from None
+    if not isinstance(payload, dict) or any(k not in payload for k in _KEYS):
+        what = "a plain state_dict" if isinstance(payload, dict) and payload and all(
+            isinstance(v, torch.Tensor) for v in payload.values()) else f"a {type(payload).__name__}"
+        raise CheckpointError(f"{path}: not a ferpipe checkpoint ({what}, without {', '.join(_KEYS)}); "
+                              "weights of another program go in via train.init_from or model_kwargs.weights_path")
+    return payload
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model from a checkpoint (eval mode); return (model, the payload without state_dict)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_model(payload["model"], payload["num_classes"], **payload["model_kwargs"])
-    model.load_state_dict(payload["state_dict"])
+    payload = read_payload(path, map_location)
+    name, n = payload["model"], payload["num_classes"]
+    if name not in MODEL_SPECS:
+        raise CheckpointError(f"{path}: model {name!r} is not one this ferpipe knows ({', '.join(MODEL_SPECS)})")
+    if len(payload["classes"]) != int(n):
+        raise CheckpointError(f"{path}: {len(payload['classes'])} class names for {n} classes")
+    try:
+        model = build_model(name, n, **payload["model_kwargs"])
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its weights do not fit a {name!r} model with {n} classes "
+                              f"({str(e).splitlines()[0][:160]})") from None
     model.eval()
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     return model, info
@@ -38,7 +82,5 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def read_checkpoint_info(path: str | os.PathLike) -> dict:
     """The payload without its weights and without building the model (memory-mapped: cheap even
     for a 500 MB RMN checkpoint), e.g. to compare the folds' validation accuracy."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    payload = read_payload(path, "cpu", mmap=True)
     return {k: v for k, v in payload.items() if k != "state_dict"}

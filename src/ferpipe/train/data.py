@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ferpipe.models import MODEL_SPECS
-from ferpipe.store import read_h5
+from ferpipe.store import read_attrs, read_h5
 
 
 @dataclass
@@ -64,6 +64,34 @@ def artifact_paths(image: str, guide: str | None, gray48: str | os.PathLike = "d
     img = Path(gray48) if image == "gray48" else Path(guides_dir) / f"{image}.h5"
     gd = None if guide is None else Path(guides_dir) / f"{guide}.h5"
     return img, gd
+
+
+def preprocess_record(spec: InputSpec, gray48: str | os.PathLike = "data/gray48/images.h5",
+                      guides_dir: str | os.PathLike = "data/guides") -> dict:
+    """How the arrays a model trains on were made, read from their HDF5 attrs (so it is what really
+    ran, not what params.yaml says now). Kept in every checkpoint's meta["preprocess"]: inference
+    (ferpipe.recognize) repeats exactly these steps on new images.
+
+    {"ingest_size", "gray48_size", "landmarks": {"size", "passes"} or None, "guides": {kind: params}}
+    """
+    from ferpipe.guides.maps import DEFAULT_PARAMS
+
+    attrs = read_attrs(gray48) if Path(gray48).is_file() else {}
+    size = int(attrs.get("size", spec.size))
+    record = {"ingest_size": int(attrs.get("ingest_size", size)), "gray48_size": size, "landmarks": None,
+              "guides": {}}
+    for kind in {spec.image, spec.guide} - {"gray48", None}:
+        path = Path(guides_dir) / f"{kind}.h5"
+        g = read_attrs(path) if path.is_file() else {}
+        record["guides"][kind] = {k: _plain(g.get(k, v)) for k, v in DEFAULT_PARAMS[kind].items()}
+        if "landmarks_size" in g:
+            record["landmarks"] = {"size": int(g["landmarks_size"]), "passes": [str(p) for p in g["landmarks_passes"]]}
+    return record
+
+
+def _plain(v):
+    """numpy scalars from HDF5 attrs -> Python scalars (checkpoints are loaded with weights_only)."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def read_split(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:

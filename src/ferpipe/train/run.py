@@ -27,7 +27,7 @@ from ferpipe.live import live_curves
 from ferpipe.store import output_set, write_json
 from ferpipe.train.augment import BatchAugment
 from ferpipe.train.checkpoint import save_checkpoint
-from ferpipe.train.data import InputSpec, TensorData, channel_stats, load_data
+from ferpipe.train.data import InputSpec, TensorData, channel_stats, load_data, preprocess_record
 from ferpipe.train.loop import (FitConfig, Runtime, class_weights, fit, seed_everything, setup_runtime,
                                 teardown_runtime)
 
@@ -172,7 +172,8 @@ def _run_train(params: dict, split_csv: str, gray48: str, guides_dir: str, model
         if rt.is_main:
             print(f"train {name}: {len(data)} training rows, classes {data.classes}, folds {folds}, "
                   f"on {rt.describe()}", flush=True)
-        base_meta = {"task": params.get("task"), "train_params": prm, "classes": data.classes}
+        base_meta = {"task": params.get("task"), "train_params": prm, "classes": data.classes,
+                     "preprocess": preprocess_record(data.spec, gray48, guides_dir)}
         metrics = {"model": name, "task": params.get("task"), "classes": data.classes, "folds": {}}
         for k in folds:
             train_rows, val_rows = data.train_rows(exclude_fold=k), data.val_rows(k)
