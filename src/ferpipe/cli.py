@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     e.add_argument("--out", required=True, help="output file (.onnx / .pt)")
     e.add_argument("--opset", type=int, default=20, help="ONNX opset (spatial transformers need >= 20)")
+    e.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |probability difference| vs PyTorch")
     e.add_argument("--check", metavar="FOLDER", help="images (face crops) to compare the export with PyTorch on; "
                                                      "default: random pixels")
     return p
@@ -182,7 +183,7 @@ def _export(a) -> int:
             raise UsageError(f"--check {a.check}: no images there")
         check = fer.model_inputs(np.stack(crops))[0]
     result = export_model(a.model, a.format, a.out, a.opset, check=check if check is not None else
-                          _random_pixels(a.model))
+                          _random_pixels(a.model), tolerance=a.tolerance)
     print(f"ferpipe: {result['format']} -> {result['out']} (max |probability difference| vs PyTorch "
           f"{result['max_abs_diff']:.1e}, classes {result['classes']})")
     return 0
