@@ -22,6 +22,9 @@ labels, per_frame_labels, outside_root, ...). -O KEY=VALUE sets a reader option 
 line; a key the format does not take is an error there and ignored in params (one dataset section
 may serve several formats). Image paths of CSV/list formats must resolve inside the root unless
 outside_root=true. A dataset that cannot be read at all is a one-line error (exit 1).
+dataset.face_crop (photos, not FER-style crops): the largest face of each image is found (the
+recognizer's detector), aligned by its landmarks and framed like FER-2013 (dataset.face_margin > 1
+keeps more around it); its box goes into the manifest and an image without a face into rejects.
 """
 import sys
 
@@ -47,6 +50,9 @@ def main(argv=None):
     add_override_option(p, "reader option", "min_length=3", flag="-O", dest="option")
     p.add_argument("--size", type=int, help="override ingest.size")
     p.add_argument("--workers", type=int, help="override ingest.workers (0 = every core)")
+    p.add_argument("--face-crop", action="store_true", default=None,
+                   help="override dataset.face_crop: find, align and crop the largest face of each photo")
+    p.add_argument("--face-margin", type=float, help="override dataset.face_margin (1 = FER-2013's framing)")
     p.add_argument("--out", default="data/ingest/images.h5", help="packed images (HDF5)")
     p.add_argument("--manifest", default="data/ingest/manifest.csv", help="manifest of kept rows (CSV)")
     p.add_argument("--rejects", default="data/ingest/rejects.csv", help="rejected inputs with reasons (CSV)")
@@ -79,11 +85,16 @@ def main(argv=None):
         p.error(f"workers must be >= 0 (0 = every core), got {workers!r}")
     if not isinstance(max_mb, (int, float)) or max_mb < 0:
         p.error(f"ingest.max_file_mb must be >= 0 (0 = no limit), got {max_mb!r}")
+    face_crop = bool(a.face_crop if a.face_crop is not None else ds.get("face_crop", False))
+    face_margin = a.face_margin if a.face_margin is not None else ds.get("face_margin", 1.0)
+    if not isinstance(face_margin, (int, float)) or face_margin <= 0:
+        p.error(f"face_margin must be > 0, got {face_margin!r}")
     try:
         result = run_ingest(
             fmt, a.path or ds["path"], a.root if a.root is not None else ds.get("root", ""),
             a.out, a.manifest, a.rejects, a.metrics, a.sheet or None, size=size, workers=workers,
-            options=options, progress=not a.quiet, max_file_mb=max_mb)
+            options=options, progress=not a.quiet, max_file_mb=max_mb, face_crop=face_crop,
+            face_margin=float(face_margin))
     except DatasetError as e:  # the dataset as a whole cannot be read: one line, not a traceback
         sys.exit(f"ingest: {e}")
     print(result)

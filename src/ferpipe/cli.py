@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--sequence-model", metavar="MODEL_PT", help="videos: train_sequence's model.pt, applied to each "
                    "face track (columns track_label, track_probability); run from the project root")
     r.add_argument("--batch-size", type=int, default=256, help="faces per network batch")
-    r.add_argument("--margin", type=float, default=1.0, help="> 1 shows the model more around each face than FER-2013's framing")
+    r.add_argument("--margin", type=float, default=None, help="> 1 shows the model more around each face than "
+                   "FER-2013's framing (default: the model's ingest face_margin, else 1)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default: every core)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -231,12 +231,13 @@ class Recognizer:
 
     ``tta``: test-time augmentation copies averaged with the plain prediction (evaluate.tta's flip and
     small affine, ``tta_augment``, seeded by ``seed``); ``margin`` > 1 shows the model more around each
-    face than the FER-2013 framing; ``detector`` a FaceDetector (its passes and thresholds).
+    face than the FER-2013 framing (default: the margin of the ingest face crop the model was trained
+    on, else 1); ``detector`` a FaceDetector (its passes and thresholds).
     """
 
     def __init__(self, model=None, tta: int = 0, tta_augment: dict | None = None, seed: int = 2020,
                  batch_size: int = 256, device: str = "cpu", detector: FaceDetector | None = None,
-                 margin: float = 1.0, threads: int = 0):
+                 margin: float | None = None, threads: int = 0):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device)
@@ -246,9 +247,10 @@ class Recognizer:
         self.tta_augment = tta_augment or {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05}
         if self.tta < 0 or self.batch_size < 1:
             raise RecognizeError("tta must be >= 0 and batch_size >= 1")
-        self.margin = float(margin)
         self._detector = detector
         pre = self.members[0].preprocess
+        # a model trained on ingest's face crops sees faces cut with that margin; else FER-2013's framing
+        self.margin = float(margin if margin is not None else (pre.get("face_margin") or 1.0))
         self.ingest_size, self.gray48_size = int(pre["ingest_size"]), int(pre["gray48_size"])
 
     @property

@@ -101,7 +101,7 @@ def _to_gray(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
-def _crop(gray: np.ndarray, box) -> np.ndarray:
+def crop_box(gray: np.ndarray, box) -> np.ndarray:
     """Crop (x, y, w, h), clipped to the image; ImageError if nothing is left."""
     try:
         x, y, w, h = (float(v) for v in box)
@@ -199,7 +199,7 @@ def decode_image(source, size: int, box=None, max_bytes: int | None = None) -> n
     missing, empty, truncated, corrupt or unrecognised file, or one larger than `max_bytes`.
     """
     gray = decode_gray(source, max_bytes)
-    return resize(_crop(gray, box) if box is not None else gray, size)
+    return resize(crop_box(gray, box) if box is not None else gray, size)
 
 
 def decode_pixels(pixels: str, size: int, side: int = 48) -> np.ndarray:

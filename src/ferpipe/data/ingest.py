@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ferpipe.data.decode import decode_image, decode_pixels
+from ferpipe.data.decode import ImageError, crop_box, decode_gray, decode_image, decode_pixels
 from ferpipe.data.labels import class_list
 from ferpipe.data.readers import READERS, REJECT_COLUMNS, DatasetError, read_dataset
 from ferpipe.params import workers as worker_count
@@ -32,23 +32,51 @@ CHUNK = 512
 SHEET_PER_CLASS = 12
 
 
+FACE_COLUMNS = ("face_x0", "face_y0", "face_x1", "face_y1", "face_detector", "face_confidence")
+_DETECTOR = None  # per worker process: the photo face detector of face_crop, built on first use
+
+
 def _init_worker():
     cv2.setNumThreads(1)  # one process per core already; cv2's own threads would only contend
 
 
+def _face_crop(gray: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, tuple]:
+    """The largest face of a photo, aligned and framed like FER-2013 (ferpipe.faces.detect), and its
+    box (x0, y0, x1, y1), detector pass and score. ImageError when no face is found."""
+    global _DETECTOR
+    from ferpipe.faces.detect import FaceDetector, align_face
+
+    if _DETECTOR is None:
+        _DETECTOR = FaceDetector()
+    faces = _DETECTOR.detect(gray)
+    if not faces:
+        raise ImageError("no face found (ingest.face_crop)")
+    f = faces[0]
+    return align_face(gray, f.landmarks, size, margin), (*(float(v) for v in f.box), f.method, float(f.confidence))
+
+
 def _decode_chunk(task):
-    """(size, max_bytes, [(pixels | None, source, box | None), ...]) -> (uint8 [k, size, size], [(i, reason)])."""
-    size, max_bytes, items = task
+    """(size, max_bytes, face_margin | None, [(pixels | None, source, box | None), ...]) ->
+    (uint8 [k, size, size], [(i, reason)], [(i, face info)]): with a face margin, the largest face of
+    each image is found, aligned and cropped (face info: FACE_COLUMNS)."""
+    size, max_bytes, face_margin, items = task
     out = np.zeros((len(items), size, size), np.uint8)
-    errors = []
+    errors, faces = [], []
     for i, (pixels, source, box) in enumerate(items):
         try:
-            out[i] = decode_pixels(pixels, size) if pixels is not None else decode_image(source, size, box, max_bytes)
+            if face_margin is None:
+                out[i] = decode_pixels(pixels, size) if pixels is not None else decode_image(source, size, box, max_bytes)
+                continue
+            gray = decode_pixels(pixels, 48) if pixels is not None else decode_gray(source, max_bytes)
+            if box is not None:
+                gray = crop_box(gray, box)
+            out[i], info = _face_crop(gray, size, face_margin)
+            faces.append((i, info))
         except ValueError as e:  # ImageError, and anything else a decoder raises as bad data
             errors.append((i, str(e)))
         except Exception as e:  # a decoder bug on one odd file must not stop a 300k-image ingest
             errors.append((i, f"decode failed: {type(e).__name__}: {e}"))
-    return out, errors
+    return out, errors, faces
 
 
 def _items(manifest: pd.DataFrame) -> list[tuple]:
@@ -62,15 +90,17 @@ def _items(manifest: pd.DataFrame) -> list[tuple]:
 
 
 def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bool = True,
-               max_bytes: int | None = None):
+               max_bytes: int | None = None, face_margin: float | None = None):
     """Decode every manifest row -> (images uint8 [N, size, size], ok bool [N], reasons {row: str}).
-    Files larger than max_bytes are rejected unread."""
+    Files larger than max_bytes are rejected unread. With face_margin, each image becomes its largest
+    face (see _face_crop) and the manifest gains the FACE_COLUMNS (in place)."""
     items = _items(manifest)
     n = len(items)
     nproc = worker_count(workers)
     # small datasets: smaller chunks so every worker gets some
     chunk = max(1, min(CHUNK, math.ceil(n / (4 * nproc)))) if n else 1
-    tasks = [(size, max_bytes, items[i:i + chunk]) for i in range(0, n, chunk)]
+    tasks = [(size, max_bytes, face_margin, items[i:i + chunk]) for i in range(0, n, chunk)]
+    face_info: dict[int, tuple] = {}
     nproc = min(nproc, len(tasks)) or 1
     images = np.zeros((n, size, size), np.uint8)
     ok = np.ones(n, bool)
@@ -82,11 +112,12 @@ def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bo
     try:
         results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
         start = 0
-        for out, errors in results:
+        for out, errors, faces in results:
             images[start:start + len(out)] = out
             for i, reason in errors:
                 ok[start + i] = False
                 reasons[start + i] = reason
+            face_info.update((start + i, info) for i, info in faces)
             start += len(out)
             bar.update(len(out))
     finally:
@@ -94,6 +125,10 @@ def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bo
         if pool:
             pool.terminate()
             pool.join()
+    if face_margin is not None:
+        empty = (np.nan, np.nan, np.nan, np.nan, "", np.nan)
+        for k, column in enumerate(FACE_COLUMNS):
+            manifest[column] = [face_info.get(i, empty)[k] for i in range(n)]
     return images, ok, reasons
 
 
@@ -144,7 +179,7 @@ def _min_length(fmt: str, options: dict) -> int:
 @writes("out_images", "out_manifest", "out_rejects", "metrics_path", "sheet_path")
 def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metrics_path, sheet_path,
                size: int = 48, workers: int = 0, options: dict | None = None, progress: bool = True,
-               max_file_mb: float | None = None) -> dict:
+               max_file_mb: float | None = None, face_crop: bool = False, face_margin: float = 1.0) -> dict:
     """Read a dataset, decode it to size x size uint8 gray, write the packed images and tables.
 
     Writes out_images (HDF5: images [N,size,size], ids [N]; attrs stage, size, format, path, root,
@@ -152,18 +187,24 @@ def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metr
     even when empty), metrics_path (JSON counts) and sheet_path (contact sheet PNG; None/"" skips),
     as one output set. `options` are the reader's extra keywords (split, sort, ignore_missing,
     min_length, ...). Image files larger than max_file_mb (None/0: no limit) are rejected unread.
+    face_crop: for photos (in-the-wild datasets, not FER-style crops): the largest face of each image
+    is found, aligned by its landmarks and framed like FER-2013 (face_margin > 1 keeps more around it);
+    the manifest records its box (FACE_COLUMNS) and an image without a face is a rejects row.
     Returns the metrics plus the wall time. Raises DatasetError (and writes nothing) when no row can
     be used, ValueError for a size < 1.
     """
     if int(size) < 1:
         raise ValueError(f"ingest size must be >= 1 pixel, got {size}")
+    if face_crop and not float(face_margin) > 0:
+        raise ValueError(f"ingest face_margin must be > 0, got {face_margin}")
     t0 = time.perf_counter()
     options = dict(options or {})
     manifest, rejects = read_dataset(fmt, path, root=root or "", **options)
     if manifest.empty:
         raise DatasetError(f"{path}: no usable rows ({len(rejects)} rejected: {_summary(rejects['reason'])})")
     max_bytes = int(float(max_file_mb) * 2**20) if max_file_mb else None
-    images, ok, reasons = decode_all(manifest, size, workers, progress, max_bytes)
+    images, ok, reasons = decode_all(manifest, size, workers, progress, max_bytes,
+                                     float(face_margin) if face_crop else None)
     check_sequences(manifest, ok, reasons, _min_length(fmt, options))
     if not ok.any():
         raise DatasetError(f"{path}: no image could be decoded ({len(reasons)} failed: "
@@ -186,7 +227,7 @@ def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metr
     }
     sheet = contact_sheet(images, labels, classes) if sheet_path else None
     attrs = {"stage": "ingest", "size": int(size), "format": fmt, "path": str(path), "root": str(root or ""),
-             "classes": classes}
+             "classes": classes, "face_crop": bool(face_crop), "face_margin": float(face_margin)}
     write_h5(out_images, {"images": images, "ids": kept["id"].to_numpy().astype(str)}, attrs)
     write_csv(out_manifest, kept.drop(columns=["pixels"], errors="ignore"))
     write_csv(out_rejects, rejects)
