@@ -12,7 +12,7 @@ train stage's ``models/`` folder (final.pt, else every fold model as an ensemble
 stage chooses) or a list of any of these (an ensemble: probabilities averaged).
 
 Inference repeats training's preprocessing exactly, read from each checkpoint's meta: a face crop is
-resized to the ingest size, then to the gray48 size (both with ``decode.resize``); guided models get
+resized to the ingest size, then to the gray48 size (both with ``ferpipe.imaging.resize``); guided models get
 their guide map made from landmarks found by the landmarks stage's own cascade on that crop, with
 the run's landmark and guide params; pixels are standardized with the run's statistics. So on
 FER-style crops (``crops=True``) the probabilities equal the evaluate stage's (tests check 1e-5).
@@ -37,8 +37,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ferpipe.data.decode import ImageError, decode_gray, resize
-from ferpipe.data.gray import resize_batch
+from ferpipe.data.decode import ImageError, decode_gray
+from ferpipe.imaging import resize, resize_batch
 from ferpipe.evaluate.run import predict_pixels, select_checkpoints
 from ferpipe.faces.detect import FaceDetector, align_face
 from ferpipe.guides.maps import DEFAULT_PARAMS, make_guide

@@ -31,6 +31,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ferpipe.imaging import resize
+
 # what PIL raises on corrupt or truncated data, depending on the format plugin
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error,
                   Image.DecompressionBombError)
@@ -115,15 +117,6 @@ def crop_box(gray: np.ndarray, box) -> np.ndarray:
     if x1 <= x0 or y1 <= y0:
         raise ImageError(f"face box {tuple(int(round(v)) for v in (x, y, w, h))} is empty inside the {W}x{H} image")
     return gray[y0:y1, x0:x1]
-
-
-def resize(gray: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W] -> [size, size]: area when both sides shrink, cubic otherwise, copy-free if equal."""
-    h, w = gray.shape
-    if (h, w) == (size, size):
-        return np.ascontiguousarray(gray)
-    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
-    return cv2.resize(np.ascontiguousarray(gray), (size, size), interpolation=interp)
 
 
 _VIDEO_FRAME = re.compile(r"^(.*)#frame=(\d+)$")

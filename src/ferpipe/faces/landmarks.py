@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ferpipe.data.gray import resize_batch
+from ferpipe.imaging import resize_batch
 from ferpipe.faces.models import dlib_model
 from ferpipe.pool import spawn_pool
 from ferpipe.store import writes

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ferpipe.data.gray import resize_batch
+from ferpipe.imaging import resize_batch
 from ferpipe.data.labels import class_list
 from ferpipe.store import read_attrs, read_h5, write_h5, write_json, writes
 
