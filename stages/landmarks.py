@@ -4,8 +4,9 @@ Each image is resized to landmarks.size px; detector passes run in order until o
 box (dlib HOG, dlib on the equalized image, dlib with a padded border, MTCNN, OpenCV Haar, dlib MMOD
 CNN); dlib's 68-point predictor runs on that box. Where every pass fails the predictor runs on a fixed
 box and the image is flagged (found=False, method=fallback). Writes landmarks.h5 (landmarks
-[N,68,2] normalized (x, y), found, method, confidence, box, ids), metrics (share per method) and a
-contact sheet with a row per method.
+[N,68,2] (x, y) as a share of the width/height, not clipped: points past the border fall slightly
+outside [0, 1]; found, method, confidence, box, ids), metrics (share per method) and a contact sheet
+with a row per method, as one output set.
 """
 from ferpipe.faces.landmarks import PASSES, run_landmarks
 from ferpipe.params import load_params
@@ -28,14 +29,20 @@ def parser():
 
 
 def main(argv=None):
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
     prm = load_params(a.params, "landmarks")
+    size = prm["size"] if a.size is None else a.size
+    workers = prm["workers"] if a.workers is None else a.workers
+    if not isinstance(size, int) or size < 1:
+        p.error(f"size must be a whole number of pixels >= 1, got {size!r}")
+    if not isinstance(workers, int) or workers < 0:
+        p.error(f"workers must be >= 0 (0 = every core), got {workers!r}")
     passes = load_params(a.params)
     for key in a.passes_param.split("."):
         passes = passes[key]
-    print(run_landmarks(a.images, a.out, a.metrics or None, a.sheet or None,
-                        size=a.size or prm["size"], passes=a.passes if a.passes is not None else passes,
-                        workers=prm["workers"] if a.workers is None else a.workers, chunk=prm["chunk"]))
+    print(run_landmarks(a.images, a.out, a.metrics or None, a.sheet or None, size=size,
+                        passes=a.passes if a.passes is not None else passes, workers=workers, chunk=prm["chunk"]))
 
 
 if __name__ == "__main__":

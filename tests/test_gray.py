@@ -1,7 +1,8 @@
 import cv2
 import numpy as np
 
-from ferpipe.data.gray import resize_batch, run_gray
+from ferpipe.data.gray import run_gray
+from ferpipe.imaging import resize_batch
 from ferpipe.store import read_attrs, read_h5, write_h5
 from conftest import fer_slice
 

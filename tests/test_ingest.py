@@ -424,11 +424,12 @@ def test_listfile_sort_and_ignore_missing(tmp_path):
     ]) + "\n")
     with pytest.raises(DatasetError, match="s9_f0.png.*ignore_missing"):
         read_dataset("listfile", lst)
-    man, rej = read_dataset("listfile", lst, ignore_missing=True)
-    assert man["id"].tolist() == ["s2_f1.png", "s1_f1.png", "s2_f0.png", "s1_f0.png"]  # file order
-    assert man["sequence_id"].tolist() == ["20", "10", "20", "10"]
-    assert man["frame_index"].tolist() == [0, 0, 1, 1]
-    man, rej = read_dataset("listfile", lst, sort=True, ignore_missing=True, split="test")
+    # as written, both sequences are interleaved and out of frame order: rejected, every line reported
+    man, rej = read_dataset("listfile", lst, ignore_missing=True, per_frame_labels=True)
+    assert man.empty
+    assert sorted(rej["line"].tolist()) == [1, 2, 5, 6, 7, 8, 9]
+    assert rej.set_index("line").loc[1, "reason"].startswith("the lines of sequence 20 are not contiguous (lines 1, 5)")
+    man, rej = read_dataset("listfile", lst, sort=True, ignore_missing=True, split="test", per_frame_labels=True)
     assert man["id"].tolist() == ["s1_f0.png", "s1_f1.png", "s2_f0.png", "s2_f1.png"]
     assert man["sequence_id"].tolist() == ["0", "0", "1", "1"]
     assert man["frame_index"].tolist() == [0, 1, 0, 1]
@@ -439,6 +440,12 @@ def test_listfile_sort_and_ignore_missing(tmp_path):
     assert rej["line"].tolist() == [7, 8, 9]
     assert rej["reason"].tolist()[0] == "file not found" and "not a number" in rej["reason"].iloc[1]
     assert "got 2 fields" in rej["reason"].iloc[2]
+    # sorted, but one label set per sequence required (the default): 10's labels 1.5 / 2 differ, 20's label2
+    man, rej = read_dataset("listfile", lst, sort=True, ignore_missing=True)
+    assert man.empty
+    reasons = rej.set_index("line")["reason"]
+    assert reasons[2].startswith("labels disagree within sequence 10: 2 1 (line 6), 1.5 0 (line 2)")
+    assert reasons[1].startswith("labels disagree within sequence 20: 3 0.25 (line 5), 3 0.5 (line 1)")
 
 
 def test_guided_st(tmp_path):

@@ -413,7 +413,27 @@ def real_pixels(fer_dir: Path, spec: InputSpec, n: int = 8) -> np.ndarray:
     return np.stack([maps[spec.image]] + ([maps[spec.guide]] if spec.guide else []), axis=1)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, pixels: np.ndarray, spec: InputSpec) -> None:
+    """BatchNorm statistics from real faces (one train-mode pass), so that a seeded untrained deep net
+    gives graded probabilities rather than saturated ones: an export check on 0/1 outputs proves little."""
+    from ferpipe.train.data import normalize, split_channels
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None          # a cumulative average over the pass
+    model.train()
+    model(*split_channels(normalize(torch.from_numpy(pixels).float() / 255.0, spec)))
+    model.eval()
+
+
+# vgg19, vgg19_bn and resnet152 (58-140 M parameters: 0.2-0.6 GB per file) are checked by
+# bench/export_all.py, whose table is in the README; every other registry model here
+GIANTS = ("vgg19", "vgg19_bn", "resnet152")
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n not in GIANTS])
 def test_every_registry_model_exports_to_onnx(name, fer_dir, tmp_path):
     """ONNX (opset 20: the spatial transformers' AffineGrid) vs PyTorch with onnxruntime, real faces."""
     kw = {"in_size": 48, "mask_depths": (1, 1, 1, 1)} if name == "rmn" else {}
@@ -421,12 +441,16 @@ def test_every_registry_model_exports_to_onnx(name, fer_dir, tmp_path):
     model = build_model(name, 7, **kw).eval()
     spec = MODEL_SPECS[name]
     channels = 1 + (spec["guide"] is not None)
-    input_spec = InputSpec(image=spec["image"], guide=spec["guide"], size=48, mean=[0.5] * channels,
-                           std=[0.25] * channels)
-    save_checkpoint(tmp_path / "m.pt", model, name, FER7, kw, {"input": input_spec.to_dict()})
+    input_spec = InputSpec(image=spec["image"], guide=spec["guide"], size=spec["in_size"] if name != "rmn" else 48,
+                           mean=[0.5] * channels, std=[0.25] * channels)
     pixels = real_pixels(fer_dir, input_spec)
-    result = export_model(tmp_path / "m.pt", "onnx", tmp_path / "m.onnx", check=pixels)
-    assert result["max_abs_diff"] < 1e-4
+    calibrate(model, pixels, input_spec)
+    save_checkpoint(tmp_path / "m.pt", model, name, FER7, kw, {"input": input_spec.to_dict()})
+    # inception_v3: onnxruntime's and oneDNN's float32 kernels differ by 2.6e-4 after its 94 convolutions
+    # (seeded weights, logits up to 9; bench/export_all.py); every other model here stays under 1e-4
+    tolerance = 5e-4 if name == "inception_v3" else 1e-4
+    result = export_model(tmp_path / "m.pt", "onnx", tmp_path / "m.onnx", check=pixels, tolerance=tolerance)
+    assert result["max_abs_diff"] < tolerance
     import onnx
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["ferpipe.classes"]) == FER7 and meta["ferpipe.model"] == name

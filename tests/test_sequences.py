@@ -130,7 +130,8 @@ def test_ck_unreadable_frame_is_an_ingest_reject(tmp_path):
     rej = pd.read_csv(o / "rejects.csv")
     assert rej["source"].iloc[0].endswith("S001_001_00000002.png")
     man = pd.read_csv(o / "manifest.csv", dtype={"sequence_id": str})
-    assert list(man["frame_number"]) == [1, 3, 1, 2] and list(man["frame_index"]) == [0, 2, 0, 1]
+    # frame_index counts the frames that decoded (issue 10: no gap); frame_number keeps the original
+    assert list(man["frame_number"]) == [1, 3, 1, 2] and list(man["frame_index"]) == [0, 1, 0, 1]
 
 
 def write_video(path: Path, values: list[int], fourcc: str = "MJPG", size: int = 64) -> Path:
@@ -374,7 +375,7 @@ def test_listfile_sequences_through_ingest_and_features(tmp_path):
     (tmp_path / "list.txt").write_text("\n".join(reversed(lines)) + "\n")
     o = tmp_path / "out"
     run_ingest("listfile", tmp_path / "list.txt", "", o / "images.h5", o / "manifest.csv", o / "rejects.csv", None, None,
-               workers=1, options={"sort": True}, progress=False)
+               workers=1, options={"sort": True, "per_frame_labels": True}, progress=False)
     run_features(o / "images.h5", o / "manifest.csv", tmp_path / "f.h5", mode="images")
     f = read_h5(tmp_path / "f.h5")
     assert list(f["seq_number"]) == [0, 0, 0, 1, 1, 1]

@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--sequence-model", metavar="MODEL_PT", help="videos: train_sequence's model.pt, applied to each "
                    "face track (columns track_label, track_probability); run from the project root")
     r.add_argument("--batch-size", type=int, default=256, help="faces per network batch")
-    r.add_argument("--margin", type=float, default=1.0, help="> 1 shows the model more around each face than FER-2013's framing")
+    r.add_argument("--margin", type=float, default=None, help="> 1 shows the model more around each face than "
+                   "FER-2013's framing (default: the model's ingest face_margin, else 1)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default: every core)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     e.add_argument("--out", required=True, help="output file (.onnx / .pt)")
     e.add_argument("--opset", type=int, default=20, help="ONNX opset (spatial transformers need >= 20)")
+    e.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |probability difference| vs PyTorch")
     e.add_argument("--check", metavar="FOLDER", help="images (face crops) to compare the export with PyTorch on; "
                                                      "default: random pixels")
     return p
@@ -182,7 +184,7 @@ def _export(a) -> int:
             raise UsageError(f"--check {a.check}: no images there")
         check = fer.model_inputs(np.stack(crops))[0]
     result = export_model(a.model, a.format, a.out, a.opset, check=check if check is not None else
-                          _random_pixels(a.model))
+                          _random_pixels(a.model), tolerance=a.tolerance)
     print(f"ferpipe: {result['format']} -> {result['out']} (max |probability difference| vs PyTorch "
           f"{result['max_abs_diff']:.1e}, classes {result['classes']})")
     return 0

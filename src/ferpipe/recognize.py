@@ -12,7 +12,7 @@ train stage's ``models/`` folder (final.pt, else every fold model as an ensemble
 stage chooses) or a list of any of these (an ensemble: probabilities averaged).
 
 Inference repeats training's preprocessing exactly, read from each checkpoint's meta: a face crop is
-resized to the ingest size, then to the gray48 size (both with ``decode.resize``); guided models get
+resized to the ingest size, then to the gray48 size (both with ``ferpipe.imaging.resize``); guided models get
 their guide map made from landmarks found by the landmarks stage's own cascade on that crop, with
 the run's landmark and guide params; pixels are standardized with the run's statistics. So on
 FER-style crops (``crops=True``) the probabilities equal the evaluate stage's (tests check 1e-5).
@@ -37,8 +37,8 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ferpipe.data.decode import ImageError, decode_gray, resize
-from ferpipe.data.gray import resize_batch
+from ferpipe.data.decode import ImageError, decode_gray
+from ferpipe.imaging import resize, resize_batch
 from ferpipe.evaluate.run import predict_pixels, select_checkpoints
 from ferpipe.faces.detect import FaceDetector, align_face
 from ferpipe.guides.maps import DEFAULT_PARAMS, make_guide
@@ -231,12 +231,13 @@ class Recognizer:
 
     ``tta``: test-time augmentation copies averaged with the plain prediction (evaluate.tta's flip and
     small affine, ``tta_augment``, seeded by ``seed``); ``margin`` > 1 shows the model more around each
-    face than the FER-2013 framing; ``detector`` a FaceDetector (its passes and thresholds).
+    face than the FER-2013 framing (default: the margin of the ingest face crop the model was trained
+    on, else 1); ``detector`` a FaceDetector (its passes and thresholds).
     """
 
     def __init__(self, model=None, tta: int = 0, tta_augment: dict | None = None, seed: int = 2020,
                  batch_size: int = 256, device: str = "cpu", detector: FaceDetector | None = None,
-                 margin: float = 1.0, threads: int = 0):
+                 margin: float | None = None, threads: int = 0):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device)
@@ -246,9 +247,10 @@ class Recognizer:
         self.tta_augment = tta_augment or {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05}
         if self.tta < 0 or self.batch_size < 1:
             raise RecognizeError("tta must be >= 0 and batch_size >= 1")
-        self.margin = float(margin)
         self._detector = detector
         pre = self.members[0].preprocess
+        # a model trained on ingest's face crops sees faces cut with that margin; else FER-2013's framing
+        self.margin = float(margin if margin is not None else (pre.get("face_margin") or 1.0))
         self.ingest_size, self.gray48_size = int(pre["ingest_size"]), int(pre["gray48_size"])
 
     @property

@@ -9,7 +9,9 @@ Choices worth knowing:
   * EXIF orientation is applied (what an image viewer shows), before the face box crop;
   * alpha (RGBA, LA, palette transparency) is composited on black;
   * 16-bit images are scaled 0..65535 -> 0..255 (not clipped); float images are taken as 0..1 when
-    their maximum is <= 1, else as 0..255;
+    their maximum is <= 1, else as 0..255; a float image with an inf or nan pixel is rejected;
+  * a file is checked before it is read: a regular file, not empty, at most `max_bytes` (the
+    ingest.max_file_mb param); PIL reads the header to identify the format before decoding the rest;
   * colour -> gray with PIL's ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B);
   * a non-square image (or box) is resized whole to size x size, not padded or centre-cropped: the
     faces in these datasets are already crops, and AffectNet's boxes are the face;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import struct
 import warnings
 import zlib
@@ -27,6 +30,8 @@ import zlib
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ferpipe.imaging import resize
 
 # what PIL raises on corrupt or truncated data, depending on the format plugin
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error,
@@ -37,26 +42,33 @@ class ImageError(ValueError):
     """An image that cannot be used; str(error) is a short human reason."""
 
 
-def _read_source(source) -> bytes:
+def _open_source(source, max_bytes: int | None = None):
+    """A binary file object for a path or bytes, after the checks that need no reading: a regular,
+    non-empty file of at most max_bytes (a FIFO would block, /dev/zero never ends, and a 2 GB file
+    named .png must not be read into memory). PIL then identifies the format from the header alone."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise ImageError("empty data (0 bytes)")
-        return data
+        return io.BytesIO(data)
     try:
-        with open(source, "rb") as f:
-            data = f.read()
+        st = os.stat(source)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError("a folder, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file (device, FIFO or socket)")
+        if st.st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        if max_bytes and st.st_size > max_bytes:
+            raise ImageError(f"file too large ({st.st_size / 2**20:.1f} MB > {max_bytes / 2**20:g} MB, "
+                             "ingest.max_file_mb)")
+        return open(source, "rb")
     except FileNotFoundError:
         raise ImageError("file not found") from None
-    except IsADirectoryError:
-        raise ImageError("a folder, not a file") from None
     except PermissionError:
         raise ImageError("permission denied") from None
     except OSError as e:
         raise ImageError(f"cannot read file: {e.strerror or e}") from None
-    if not data:
-        raise ImageError("empty file (0 bytes)")
-    return data
 
 
 def _to_gray(im: Image.Image) -> np.ndarray:
@@ -81,7 +93,8 @@ def _to_gray(im: Image.Image) -> np.ndarray:
         return np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
     if mode == "F":
         a = np.asarray(im, dtype=np.float64)
-        a = np.nan_to_num(a)
+        if not np.isfinite(a).all():  # nan_to_num made an inf pixel the maximum: an all-black image
+            raise ImageError("float image has non-finite pixels (inf or nan)")
         if a.size and a.max() <= 1.0:
             a = a * 255.0
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
@@ -90,7 +103,7 @@ def _to_gray(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
-def _crop(gray: np.ndarray, box) -> np.ndarray:
+def crop_box(gray: np.ndarray, box) -> np.ndarray:
     """Crop (x, y, w, h), clipped to the image; ImageError if nothing is left."""
     try:
         x, y, w, h = (float(v) for v in box)
@@ -104,15 +117,6 @@ def _crop(gray: np.ndarray, box) -> np.ndarray:
     if x1 <= x0 or y1 <= y0:
         raise ImageError(f"face box {tuple(int(round(v)) for v in (x, y, w, h))} is empty inside the {W}x{H} image")
     return gray[y0:y1, x0:x1]
-
-
-def resize(gray: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W] -> [size, size]: area when both sides shrink, cubic otherwise, copy-free if equal."""
-    h, w = gray.shape
-    if (h, w) == (size, size):
-        return np.ascontiguousarray(gray)
-    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
-    return cv2.resize(np.ascontiguousarray(gray), (size, size), interpolation=interp)
 
 
 _VIDEO_FRAME = re.compile(r"^(.*)#frame=(\d+)$")
@@ -148,22 +152,25 @@ def _video_frame(path: str, index: int) -> np.ndarray:
     return frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
 
 
-def decode_gray(source) -> np.ndarray:
+def decode_gray(source, max_bytes: int | None = None) -> np.ndarray:
     """Decode a path or the bytes of an image to full-resolution uint8 gray [H, W] (EXIF orientation
     applied, alpha on black, 16-bit/float scaled as the module docstring says). Raises ImageError(reason).
     A source "<video>#frame=<n>" (the video reader's rows) is frame n of that video, decoded with OpenCV.
+    A file larger than `max_bytes` is rejected before it is read (videos are not limited: they are
+    read frame by frame).
     """
     if isinstance(source, (str, os.PathLike)) and (m := _VIDEO_FRAME.match(str(source))) \
             and not os.path.exists(source):
         return _video_frame(m.group(1), int(m.group(2)))
-    data = _read_source(source)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _open_source(source, max_bytes) as f:
             warnings.simplefilter("ignore")  # PIL warns on odd metadata (EXIF, palette) it copes with
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(f) as im:
                 im.load()  # decode now: truncation and corruption surface here, not later
                 im = ImageOps.exif_transpose(im)
                 gray = _to_gray(im)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError("not a recognised image format") from None
     except Image.DecompressionBombError:
@@ -177,15 +184,15 @@ def decode_gray(source) -> np.ndarray:
     return gray
 
 
-def decode_image(source, size: int, box=None) -> np.ndarray:
+def decode_image(source, size: int, box=None, max_bytes: int | None = None) -> np.ndarray:
     """Decode a path or the bytes of an image (``decode_gray``) to uint8 [size, size] grayscale.
 
     `box` = (x, y, w, h) in pixels of the (orientation-corrected) image crops before resizing; it is
     clipped to the image, and a box with nothing inside is an error. Raises ImageError(reason) for a
-    missing, empty, truncated, corrupt or unrecognised file.
+    missing, empty, truncated, corrupt or unrecognised file, or one larger than `max_bytes`.
     """
-    gray = decode_gray(source)
-    return resize(_crop(gray, box) if box is not None else gray, size)
+    gray = decode_gray(source, max_bytes)
+    return resize(crop_box(gray, box) if box is not None else gray, size)
 
 
 def decode_pixels(pixels: str, size: int, side: int = 48) -> np.ndarray:

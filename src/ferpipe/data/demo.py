@@ -22,18 +22,15 @@ subset has no names to check that).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import textwrap
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ferpipe.store import write_json
+from ferpipe.store import staged, write_json, writes
 
 CLASSES = ("neutral", "happy", "sad", "surprise", "angry")
 SPLITS = ("train", "test")
@@ -527,16 +524,7 @@ def _wrap(text: str, width: int = 100) -> str:
     return "\n\n".join(body) + "\n"
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Put the finished temp folder in place of out_dir (whatever was there)."""
-    tmp.chmod(0o755)  # mkdtemp makes it 0700
-    if out_dir.is_symlink() or out_dir.is_file():
-        out_dir.unlink()
-    elif out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
+@writes("metrics_path", dirs=["out_dir"])
 def make_demo(out_dir: str | os.PathLike, seed: int = 2020, train_per_class: int = 80, test_per_class: int = 20,
               size: int = 96, metrics_path: str | os.PathLike | None = None) -> dict:
     """Write the demo dataset to out_dir (replacing any old one atomically) and return its metrics.
@@ -551,37 +539,30 @@ def make_demo(out_dir: str | os.PathLike, seed: int = 2020, train_per_class: int
         raise ValueError("images per class must be >= 0")
     t0 = time.perf_counter()
     templates, report = load_templates()
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = staged(out_dir)  # this run's staging folder (ferpipe.store): it replaces out_dir whole on success
     counts = {s: {c: 0 for c in CLASSES} for s in SPLITS}
     used: dict[str, set] = {s: set() for s in SPLITS}
     images: dict[tuple[str, str], list[np.ndarray]] = {}
-    try:
-        for split in SPLITS:  # every class folder exists, even with 0 images per class
-            for cls in CLASSES:
-                (tmp / split / cls).mkdir(parents=True)
-        for split, cls, name, img in generate(seed, train_per_class, test_per_class, size):
-            ok, buf = cv2.imencode(".png", img)
-            if not ok:
-                raise RuntimeError(f"could not encode {name}")
-            (tmp / split / cls / name).write_bytes(buf.tobytes())
-            counts[split][cls] += 1
-            used[split].add(name.split("_", 1)[1].removesuffix(".png"))
-            images.setdefault((split, cls), []).append(img)
-        seconds = time.perf_counter() - t0
-        rates = {key: detection_rate(imgs) for key, imgs in images.items()}
-        n_all = sum(len(v) for v in images.values())
-        rate = sum(rates[k] * len(v) for k, v in images.items()) / n_all if n_all else float("nan")
-        (tmp / "README.txt").write_text(_wrap(README.format(
-            seed=seed, train=train_per_class, test=test_per_class, size=size, classes=", ".join(CLASSES),
-            n_ids=len(templates), n_train_ids=len(used["train"]), n_test_ids=len(used["test"]),
-            no_face=", ".join(report["no_face"]) or "none", open_mouth=", ".join(report["open_mouth"]) or "none",
-            rate=rate)))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for split in SPLITS:  # every class folder exists, even with 0 images per class
+        for cls in CLASSES:
+            (tmp / split / cls).mkdir(parents=True)
+    for split, cls, name, img in generate(seed, train_per_class, test_per_class, size):
+        ok, buf = cv2.imencode(".png", img)
+        if not ok:
+            raise RuntimeError(f"could not encode {name}")
+        (tmp / split / cls / name).write_bytes(buf.tobytes())
+        counts[split][cls] += 1
+        used[split].add(name.split("_", 1)[1].removesuffix(".png"))
+        images.setdefault((split, cls), []).append(img)
+    seconds = time.perf_counter() - t0
+    rates = {key: detection_rate(imgs) for key, imgs in images.items()}
+    n_all = sum(len(v) for v in images.values())
+    rate = sum(rates[k] * len(v) for k, v in images.items()) / n_all if n_all else float("nan")
+    (tmp / "README.txt").write_text(_wrap(README.format(
+        seed=seed, train=train_per_class, test=test_per_class, size=size, classes=", ".join(CLASSES),
+        n_ids=len(templates), n_train_ids=len(used["train"]), n_test_ids=len(used["test"]),
+        no_face=", ".join(report["no_face"]) or "none", open_mouth=", ".join(report["open_mouth"]) or "none",
+        rate=rate)))
 
     def share(keys):
         n = sum(len(images[k]) for k in keys)
@@ -651,6 +632,7 @@ def generate_sequences(seed: int = 2020, per_class: int = 12, frames: int = 6, s
                 yield sid, f"S{k:03d}", cls, f + 1, compose(templates[k], cls, size, look, fields_[k, cls])
 
 
+@writes("metrics_path", dirs=["out_dir"])
 def make_demo_sequences(out_dir: str | os.PathLike, seed: int = 2020, per_class: int = 12, frames: int = 6,
                         size: int = 96, metrics_path: str | os.PathLike | None = None) -> dict:
     """Write demo sequences in the CK+ layout of ../shared/data/sequences (replacing out_dir atomically):
@@ -660,29 +642,22 @@ def make_demo_sequences(out_dir: str | os.PathLike, seed: int = 2020, per_class:
         raise ValueError(f"size {size} is too small for a face")
     if per_class < 1:
         raise ValueError("sequences per class must be >= 1")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = staged(out_dir)  # this run's staging folder (ferpipe.store): it replaces out_dir whole on success
     rows: dict[str, dict] = {}
-    try:
-        for sid, subject, cls, number, img in generate_sequences(seed, per_class, frames, size):
-            folder = tmp / "frames" / sid
-            folder.mkdir(parents=True, exist_ok=True)
-            ok, buf = cv2.imencode(".png", img)
-            if not ok:
-                raise RuntimeError(f"could not encode {sid} frame {number}")
-            (folder / f"{sid}_{number:08d}.png").write_bytes(buf.tobytes())
-            row = rows.setdefault(sid, {"sequence_id": sid, "label": cls, "frame_count": 0, "subject": subject})
-            row["frame_count"] += 1
-        lines = ["sequence_id,label,frame_count,subject"] + [
-            f"{r['sequence_id']},{r['label']},{r['frame_count']},{r['subject']}" for r in sorted(rows.values(), key=lambda r: r["sequence_id"])]
-        (tmp / "labels.csv").write_text("\n".join(lines) + "\n")
-        (tmp / "README.txt").write_text(_wrap(SEQUENCE_README.format(
-            seed=seed, per_class=per_class, frames=frames, size=size, classes=", ".join(SEQUENCE_CLASSES))))
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for sid, subject, cls, number, img in generate_sequences(seed, per_class, frames, size):
+        folder = tmp / "frames" / sid
+        folder.mkdir(parents=True, exist_ok=True)
+        ok, buf = cv2.imencode(".png", img)
+        if not ok:
+            raise RuntimeError(f"could not encode {sid} frame {number}")
+        (folder / f"{sid}_{number:08d}.png").write_bytes(buf.tobytes())
+        row = rows.setdefault(sid, {"sequence_id": sid, "label": cls, "frame_count": 0, "subject": subject})
+        row["frame_count"] += 1
+    lines = ["sequence_id,label,frame_count,subject"] + [
+        f"{r['sequence_id']},{r['label']},{r['frame_count']},{r['subject']}" for r in sorted(rows.values(), key=lambda r: r["sequence_id"])]
+    (tmp / "labels.csv").write_text("\n".join(lines) + "\n")
+    (tmp / "README.txt").write_text(_wrap(SEQUENCE_README.format(
+        seed=seed, per_class=per_class, frames=frames, size=size, classes=", ".join(SEQUENCE_CLASSES))))
     metrics = {"seed": seed, "size": size, "frames_per_sequence": frames, "sequences": len(rows),
                "per_class": {c: sum(r["label"] == c for r in rows.values()) for c in SEQUENCE_CLASSES},
                "subjects": len({r["subject"] for r in rows.values()})}

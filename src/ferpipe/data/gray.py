@@ -1,23 +1,12 @@
 """The 48x48 grayscale stage: resize the normalized images to the classifier's input size."""
 from __future__ import annotations
 
-import numpy as np
-
-from ferpipe.data.decode import resize
+from ferpipe.imaging import resize_batch
 from ferpipe.plots import grid, sample_indices, write_png
-from ferpipe.store import read_attrs, read_h5, write_h5
+from ferpipe.store import read_attrs, read_h5, write_h5, writes
 
 
-def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 [N, H, W] to [N, size, size] with decode.resize (area down, cubic up)."""
-    if images.shape[1:] == (size, size):
-        return images.copy()
-    out = np.empty((len(images), size, size), np.uint8)
-    for i, im in enumerate(images):
-        out[i] = resize(im, size)
-    return out
-
-
+@writes("out_path", "sheet_path")
 def run_gray(images_path: str, out_path: str, sheet_path: str | None, size: int = 48) -> dict:
     data = read_h5(images_path, ["images", "ids"])
     out = resize_batch(data["images"], size)

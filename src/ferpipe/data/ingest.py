@@ -2,49 +2,81 @@
 
 read_dataset gives the manifest; a process pool decodes it in chunks (workers get paths or pixel
 strings and send back one uint8 block per chunk, so per-image overhead stays at the decode itself);
-rows that do not decode join the reader's rejects with the reason. Everything is computed before
-anything is written, so a failing ingest leaves no artifact behind (and the writes are atomic).
+rows that do not decode join the reader's rejects with the reason. Sequences are checked again
+after decoding: frame_index counts the frames that decoded (0, 1, ... without gaps) and a sequence
+left with fewer than the reader's min_length frames is rejected whole. The outputs (images, manifest,
+rejects, metrics, sheet) are one output set (ferpipe.store): a failing or killed ingest leaves the
+previous set exactly as it was.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections import Counter
-from multiprocessing import get_context
 
 import cv2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ferpipe.data.decode import decode_image, decode_pixels
+from ferpipe.data.decode import ImageError, crop_box, decode_gray, decode_image, decode_pixels
 from ferpipe.data.labels import class_list
-from ferpipe.data.readers import REJECT_COLUMNS, DatasetError, read_dataset
+from ferpipe.data.readers import READERS, REJECT_COLUMNS, DatasetError, read_dataset
 from ferpipe.params import workers as worker_count
 from ferpipe.plots import grid, sample_indices, write_png
-from ferpipe.store import write_csv, write_h5, write_json
+from ferpipe.pool import spawn_pool
+from ferpipe.store import write_csv, write_h5, write_json, writes
 
 CHUNK = 512
 SHEET_PER_CLASS = 12
+
+
+FACE_COLUMNS = ("face_x0", "face_y0", "face_x1", "face_y1", "face_detector", "face_confidence")
+_DETECTOR = None  # per worker process: the photo face detector of face_crop, built on first use
 
 
 def _init_worker():
     cv2.setNumThreads(1)  # one process per core already; cv2's own threads would only contend
 
 
+def _face_crop(gray: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, tuple]:
+    """The largest face of a photo, aligned and framed like FER-2013 (ferpipe.faces.detect), and its
+    box (x0, y0, x1, y1), detector pass and score. ImageError when no face is found."""
+    global _DETECTOR
+    from ferpipe.faces.detect import FaceDetector, align_face
+
+    if _DETECTOR is None:
+        _DETECTOR = FaceDetector()
+    faces = _DETECTOR.detect(gray)
+    if not faces:
+        raise ImageError("no face found (ingest.face_crop)")
+    f = faces[0]
+    return align_face(gray, f.landmarks, size, margin), (*(float(v) for v in f.box), f.method, float(f.confidence))
+
+
 def _decode_chunk(task):
-    """(size, [(pixels | None, source, box | None), ...]) -> (uint8 [k, size, size], [(i, reason)])."""
-    size, items = task
+    """(size, max_bytes, face_margin | None, [(pixels | None, source, box | None), ...]) ->
+    (uint8 [k, size, size], [(i, reason)], [(i, face info)]): with a face margin, the largest face of
+    each image is found, aligned and cropped (face info: FACE_COLUMNS)."""
+    size, max_bytes, face_margin, items = task
     out = np.zeros((len(items), size, size), np.uint8)
-    errors = []
+    errors, faces = [], []
     for i, (pixels, source, box) in enumerate(items):
         try:
-            out[i] = decode_pixels(pixels, size) if pixels is not None else decode_image(source, size, box)
+            if face_margin is None:
+                out[i] = decode_pixels(pixels, size) if pixels is not None else decode_image(source, size, box, max_bytes)
+                continue
+            gray = decode_pixels(pixels, 48) if pixels is not None else decode_gray(source, max_bytes)
+            if box is not None:
+                gray = crop_box(gray, box)
+            out[i], info = _face_crop(gray, size, face_margin)
+            faces.append((i, info))
         except ValueError as e:  # ImageError, and anything else a decoder raises as bad data
             errors.append((i, str(e)))
         except Exception as e:  # a decoder bug on one odd file must not stop a 300k-image ingest
             errors.append((i, f"decode failed: {type(e).__name__}: {e}"))
-    return out, errors
+    return out, errors, faces
 
 
 def _items(manifest: pd.DataFrame) -> list[tuple]:
@@ -57,14 +89,18 @@ def _items(manifest: pd.DataFrame) -> list[tuple]:
     return list(zip(pixels, manifest["source"].tolist(), boxes))
 
 
-def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bool = True):
-    """Decode every manifest row -> (images uint8 [N, size, size], ok bool [N], reasons {row: str})."""
+def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bool = True,
+               max_bytes: int | None = None, face_margin: float | None = None):
+    """Decode every manifest row -> (images uint8 [N, size, size], ok bool [N], reasons {row: str}).
+    Files larger than max_bytes are rejected unread. With face_margin, each image becomes its largest
+    face (see _face_crop) and the manifest gains the FACE_COLUMNS (in place)."""
     items = _items(manifest)
     n = len(items)
     nproc = worker_count(workers)
     # small datasets: smaller chunks so every worker gets some
     chunk = max(1, min(CHUNK, math.ceil(n / (4 * nproc)))) if n else 1
-    tasks = [(size, items[i:i + chunk]) for i in range(0, n, chunk)]
+    tasks = [(size, max_bytes, face_margin, items[i:i + chunk]) for i in range(0, n, chunk)]
+    face_info: dict[int, tuple] = {}
     nproc = min(nproc, len(tasks)) or 1
     images = np.zeros((n, size, size), np.uint8)
     ok = np.ones(n, bool)
@@ -72,15 +108,16 @@ def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bo
     bar = tqdm(total=n, unit="img", desc="ingest", disable=None if progress else True)
     # spawn, not fork: a fork of a process whose OpenCV/torch threads already ran can deadlock
     # (seen: the test suite hung here after earlier tests used cv2 and torch in the same process)
-    pool = get_context("spawn").Pool(nproc, initializer=_init_worker) if nproc > 1 else None
+    pool = spawn_pool(nproc, initializer=_init_worker) if nproc > 1 else None
     try:
         results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
         start = 0
-        for out, errors in results:
+        for out, errors, faces in results:
             images[start:start + len(out)] = out
             for i, reason in errors:
                 ok[start + i] = False
                 reasons[start + i] = reason
+            face_info.update((start + i, info) for i, info in faces)
             start += len(out)
             bar.update(len(out))
     finally:
@@ -88,6 +125,10 @@ def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bo
         if pool:
             pool.terminate()
             pool.join()
+    if face_margin is not None:
+        empty = (np.nan, np.nan, np.nan, np.nan, "", np.nan)
+        for k, column in enumerate(FACE_COLUMNS):
+            manifest[column] = [face_info.get(i, empty)[k] for i in range(n)]
     return images, ok, reasons
 
 
@@ -106,21 +147,65 @@ def contact_sheet(images: np.ndarray, labels: np.ndarray, classes: list[str]) ->
     return grid(rows, cell=64, labels=names)
 
 
+def check_sequences(manifest: pd.DataFrame, ok: np.ndarray, reasons: dict, min_length: int) -> None:
+    """After decoding: sequences left with fewer than min_length decoded frames are rejected whole
+    (ok and reasons updated in place), and frame_index counts the decoded frames 0, 1, ... (a frame
+    that did not decode leaves no gap). Rows without a sequence_id are untouched."""
+    seq = manifest["sequence_id"].astype(str).to_numpy() if "sequence_id" in manifest else None
+    if seq is None or not (seq != "").any():
+        return
+    in_seq = seq != ""
+    kept = pd.Series(seq[ok & in_seq])
+    counts = kept.value_counts()
+    total = pd.Series(seq[in_seq]).value_counts()
+    for i in np.flatnonzero(ok & in_seq):
+        n = int(counts.get(seq[i], 0))
+        if n < min_length:
+            ok[i] = False
+            reasons[i] = (f"sequence too short after decoding: {n} of its {int(total[seq[i]])} frame(s) "
+                          f"decoded < min_length {min_length}")
+    index = manifest["frame_index"].to_numpy().copy()
+    rows = np.flatnonzero(ok & in_seq)
+    index[rows] = pd.Series(seq[rows]).groupby(seq[rows], sort=False).cumcount().to_numpy()
+    manifest["frame_index"] = index
+
+
+def _min_length(fmt: str, options: dict) -> int:
+    """The reader's min_length (its option, else its default); 1 for readers without one."""
+    param = inspect.signature(READERS[fmt]).parameters.get("min_length") if fmt in READERS else None
+    return int(options.get("min_length", param.default)) if param is not None else 1
+
+
+@writes("out_images", "out_manifest", "out_rejects", "metrics_path", "sheet_path")
 def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metrics_path, sheet_path,
-               size: int = 48, workers: int = 0, options: dict | None = None, progress: bool = True) -> dict:
+               size: int = 48, workers: int = 0, options: dict | None = None, progress: bool = True,
+               max_file_mb: float | None = None, face_crop: bool = False, face_margin: float = 1.0) -> dict:
     """Read a dataset, decode it to size x size uint8 gray, write the packed images and tables.
 
     Writes out_images (HDF5: images [N,size,size], ids [N]; attrs stage, size, format, path, root,
     classes), out_manifest (kept rows in image order, no pixels column), out_rejects (always, header
-    even when empty), metrics_path (JSON counts) and sheet_path (contact sheet PNG; None/"" skips).
-    `options` are the reader's extra keywords (split, sort, ignore_missing). Returns the metrics
-    plus the wall time. Raises DatasetError (and writes nothing) when no row can be used.
+    even when empty), metrics_path (JSON counts) and sheet_path (contact sheet PNG; None/"" skips),
+    as one output set. `options` are the reader's extra keywords (split, sort, ignore_missing,
+    min_length, ...). Image files larger than max_file_mb (None/0: no limit) are rejected unread.
+    face_crop: for photos (in-the-wild datasets, not FER-style crops): the largest face of each image
+    is found, aligned by its landmarks and framed like FER-2013 (face_margin > 1 keeps more around it);
+    the manifest records its box (FACE_COLUMNS) and an image without a face is a rejects row.
+    Returns the metrics plus the wall time. Raises DatasetError (and writes nothing) when no row can
+    be used, ValueError for a size < 1.
     """
+    if int(size) < 1:
+        raise ValueError(f"ingest size must be >= 1 pixel, got {size}")
+    if face_crop and not float(face_margin) > 0:
+        raise ValueError(f"ingest face_margin must be > 0, got {face_margin}")
     t0 = time.perf_counter()
-    manifest, rejects = read_dataset(fmt, path, root=root or "", **(options or {}))
+    options = dict(options or {})
+    manifest, rejects = read_dataset(fmt, path, root=root or "", **options)
     if manifest.empty:
         raise DatasetError(f"{path}: no usable rows ({len(rejects)} rejected: {_summary(rejects['reason'])})")
-    images, ok, reasons = decode_all(manifest, size, workers, progress)
+    max_bytes = int(float(max_file_mb) * 2**20) if max_file_mb else None
+    images, ok, reasons = decode_all(manifest, size, workers, progress, max_bytes,
+                                     float(face_margin) if face_crop else None)
+    check_sequences(manifest, ok, reasons, _min_length(fmt, options))
     if not ok.any():
         raise DatasetError(f"{path}: no image could be decoded ({len(reasons)} failed: "
                            f"{_summary(reasons.values())})")
@@ -140,10 +225,9 @@ def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metr
         "splits": {str(k): int(v) for k, v in kept["split"].value_counts().sort_index().items()},
         "classes": {c: int((labels == c).sum()) for c in classes},
     }
-    # compute everything first: a failure above leaves no partial set of outputs
     sheet = contact_sheet(images, labels, classes) if sheet_path else None
     attrs = {"stage": "ingest", "size": int(size), "format": fmt, "path": str(path), "root": str(root or ""),
-             "classes": classes}
+             "classes": classes, "face_crop": bool(face_crop), "face_margin": float(face_margin)}
     write_h5(out_images, {"images": images, "ids": kept["id"].to_numpy().astype(str)}, attrs)
     write_csv(out_manifest, kept.drop(columns=["pixels"], errors="ignore"))
     write_csv(out_rejects, rejects)

@@ -10,125 +10,29 @@ Structural problems (missing file or column, nothing to read, unknown format) ra
 instead: there is no useful partial result.
 
 Readers only look at files (names, existence, CSV text); decoding images is ingest's job. Line
-numbers count the header as line 1 (so fer2013.csv row i is line i + 2 when the file has no blank
-lines). Relative image paths in CSV/list files are joined to `root`, which defaults to the folder of
-the CSV/list file.
+numbers are physical lines of the file, from 1 (the header is line 1; blank lines and newlines
+inside quoted fields count), so an editor's "go to line" finds the row. Relative image paths in
+CSV/list files are joined to `root`, which defaults to the folder of the CSV/list file, and must
+resolve inside it (data/paths.py; reader option outside_root=true allows others). One bad row (bad
+label, bad path, a name or line that is not UTF-8, too many fields) is a rejects row, never the end
+of the run.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import os
+import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ferpipe.data.decode import ImageError, parse_pixels
 from ferpipe.data.labels import LabelError, affectnet_name, canonical, fer2013_name, polarity_name
-
-MANIFEST_COLUMNS = ["id", "source", "split", "label_name", "valence", "arousal", "sequence_id",
-                    "frame_index", "subject", "fold"]
-REJECT_COLUMNS = ["source", "line", "reason"]
-_DEFAULTS = {"label_name": "", "valence": np.nan, "arousal": np.nan, "sequence_id": "",
-             "frame_index": -1, "subject": "", "fold": -1}
-_INT_COLUMNS = {"frame_index", "fold", "box_x", "box_y", "box_w", "box_h"}
-_FLOAT_COLUMNS = {"valence", "arousal", "label_value"}
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-
-# split names as datasets spell them (compared lower-case) -> train / val / test
-SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-          "publictest": "val", "test": "test", "privatetest": "test"}
-
-
-class DatasetError(ValueError):
-    """The dataset as a whole cannot be read (the message names the file, line or column)."""
-
-
-def split_name(name: str) -> str | None:
-    """A dataset's split name (Training, PublicTest, validation, ...) -> train/val/test, or None."""
-    return SPLITS.get(str(name).strip().lower())
-
-
-# ---------------------------------------------------------------------------------------------
-# shared helpers
-
-def _frames(rows: list[dict], rejects: list[dict], extra: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Build the canonical (manifest, rejects) frames; duplicate ids: first kept, others rejected.
-
-    Each row dict may carry `_line` (its line in the source file, for the duplicate message).
-    """
-    columns = MANIFEST_COLUMNS + extra
-    defaults = {**_DEFAULTS, "_line": -1}
-    df = pd.DataFrame([{**defaults, **r} for r in rows], columns=columns + ["_line"])
-    for col in columns:
-        if col in _INT_COLUMNS:
-            df[col] = df[col].astype(np.int64)
-        elif col in _FLOAT_COLUMNS:
-            df[col] = df[col].astype(np.float64)
-        else:
-            df[col] = df[col].astype(str)
-
-    dup = df["id"].duplicated(keep="first")
-    if dup.any():
-        first = df.drop_duplicates("id").set_index("id")
-        for _, r in df[dup].iterrows():
-            f = first.loc[r["id"]]
-            where = f"line {int(f['_line'])}" if f["_line"] >= 0 else f["source"]
-            rejects.append({"source": r["source"], "line": int(r["_line"]),
-                            "reason": f"duplicate id {r['id']!r}, first at {where}"})
-        df = df[~dup]
-    manifest = df[columns].reset_index(drop=True)
-    rej = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
-    rej["line"] = rej["line"].astype(np.int64)
-    rej["source"] = rej["source"].astype(str)
-    rej["reason"] = rej["reason"].astype(str)
-    return manifest, rej
-
-
-def _check_file(path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: file not found")
-    if not path.is_file():
-        raise DatasetError(f"{path}: is a folder, expected a file")
-    return path
-
-
-def _read_csv(path, required: list[str], sep: str = ",") -> pd.DataFrame:
-    """Read a CSV as strings; columns matched by name ignoring case and spaces, renamed to `required`.
-
-    Adds `csv_line` (the file line of each row). DatasetError for a missing file, a missing column
-    (naming it and the columns found), or a file with no data rows.
-    """
-    path = _check_file(path)
-    try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise DatasetError(f"{path}: empty file (no header, no rows)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot parse as CSV (separator {sep!r}): {e}") from None
-    found = {str(c).strip().lower(): c for c in df.columns}
-    rename = {}
-    for name in required:
-        if name.lower() not in found:
-            msg = f"{path}: missing column '{name}' (found columns: {', '.join(map(str, df.columns))})"
-            close = difflib.get_close_matches(name.lower(), list(found), n=1)
-            if close:
-                msg += f"; did you mean '{found[close[0]]}'?"
-            other = ";" if sep == "," else ","
-            if len(df.columns) == 1 and other in str(df.columns[0]):
-                msg += f"; the file looks {other!r}-separated, this format expects {sep!r}"
-            raise DatasetError(msg)
-        rename[found[name.lower()]] = name
-    if df.empty:
-        raise DatasetError(f"{path}: header only, no data rows")
-    df = df.rename(columns=rename)
-    df["csv_line"] = np.arange(len(df)) + 2
-    return df
-
+from ferpipe.data.paths import PathError, inside_root, printable
+from ferpipe.data.sequences import SEQUENCE_READERS
+from ferpipe.data.tables import (IMAGE_EXTENSIONS, MANIFEST_COLUMNS, REJECT_COLUMNS, DatasetError,  # noqa: F401
+                                 _check_file, _entries, _frames, _read_csv, split_name)  # (tables re-exported)
 
 def _base(path, root) -> Path:
     """Folder that relative image paths are joined to: `root`, or the CSV/list file's folder."""
@@ -142,7 +46,24 @@ def _number(value, what: str) -> float:
         raise LabelError(f"{what} {value!r} is not a number") from None
     if math.isnan(f):
         raise LabelError(f"{what} is empty")
+    if not math.isfinite(f):
+        raise LabelError(f"{what} {value!r} is not a finite number")
     return f
+
+
+_DIGITS = re.compile(r"(\d+)", re.ASCII)
+_TRAILING = re.compile(r"(\d+)$", re.ASCII)
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders the numbers inside a text by value: frame2 < frame10."""
+    return [int(t) if i % 2 else t for i, t in enumerate(_DIGITS.split(text))]
+
+
+def frame_number(path: str) -> int | None:
+    """The number at the end of a file's stem (`S005_001_00000010.png` -> 10), or None."""
+    m = _TRAILING.search(os.path.splitext(os.path.basename(path))[0])
+    return int(m.group(1)) if m else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +75,8 @@ def read_folder(path, root: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     Split folders (any case): train, val, validation, test, PublicTest, PrivateTest; class folder
     names are canonicalised (`Anger` -> `angry`). id = "<split>/<class>/<file stem>". Files at the
     top level (README, LICENSE) are not dataset entries and are ignored; anything else that is not an
-    image inside the tree is a rejects row. `root` is unused (the folder is the root).
+    image inside the tree is a rejects row, and so is an entry that cannot be read (a name that is
+    not UTF-8, a symlink loop). `root` is unused (the folder is the root).
     """
     top = Path(path)
     if not top.exists():
@@ -162,13 +84,9 @@ def read_folder(path, root: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     if not top.is_dir():
         raise DatasetError(f"{top}: is a file, the folder format expects <folder>/<split>/<class>/<image>")
     rows, rejects = [], []
-
-    def by_name(p):  # deterministic order, independent of case and of the file system
-        return sorted(os.scandir(p), key=lambda e: (e.name.lower(), e.name))
-
     split_dirs, others = [], []
-    for e in by_name(top):
-        if e.is_dir():
+    for e, is_dir in _entries(top, rejects):
+        if is_dir:
             (split_dirs if split_name(e.name) else others).append(e)
     if not split_dirs:
         raise DatasetError(
@@ -181,13 +99,13 @@ def read_folder(path, root: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
 
     for sd in split_dirs:
         split = split_name(sd.name)
-        for cd in by_name(sd.path):
-            if not cd.is_dir():
+        for cd, cd_is_dir in _entries(sd.path, rejects):
+            if not cd_is_dir:
                 rejects.append({"source": cd.path, "line": -1, "reason": "file outside a class folder"})
                 continue
             label = canonical(cd.name)
-            for f in by_name(cd.path):
-                if f.is_dir():
+            for f, f_is_dir in _entries(cd.path, rejects):
+                if f_is_dir:
                     rejects.append({"source": f.path, "line": -1, "reason": "folder inside a class folder (not read)"})
                     continue
                 stem, ext = os.path.splitext(f.name)
@@ -208,9 +126,9 @@ def read_fer2013_csv(path, root: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
     Usage Training/PublicTest/PrivateTest -> train/val/test. id = "fer2013/<line>", source =
     "<file name>:<line>"; the pixel string is kept in the `pixels` column for ingest to decode.
     """
-    df = _read_csv(path, ["emotion", "pixels", "Usage"])
+    df, rejects = _read_csv(path, ["emotion", "pixels", "Usage"])
     name = Path(path).name
-    rows, rejects = [], []
+    rows = []
     for emotion, pixels, usage, line in zip(df["emotion"], df["pixels"], df["Usage"], df["csv_line"]):
         source = f"{name}:{line}"
         try:
@@ -229,21 +147,24 @@ def read_fer2013_csv(path, root: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
 
 AFFECTNET_COLUMNS = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
                      "expression", "valence", "arousal"]
+MAX_BOX = 1e6  # pixels: a face box coordinate beyond this is a broken row (and would overflow int64)
 
 
-def read_affectnet(path, root: str = "", split: str = "train") -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_affectnet(path, root: str = "", split: str = "train",
+                   outside_root: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """AffectNet's training.csv / validation.csv (read the validation file with split="val").
 
     Expression codes 8..10 (none, uncertain, no-face) are rejected with that reason, as are
-    valence/arousal outside [-1, 1]. The face box goes to box_x/y/w/h; ingest crops it. id = the
-    CSV's relative path. (facial_landmarks is not needed and not required.)
+    valence/arousal outside [-1, 1], face boxes that are not finite or beyond 1e6 px, and image paths
+    that resolve outside the root (unless outside_root=True). The face box goes to box_x/y/w/h;
+    ingest crops it. id = the CSV's relative path. (facial_landmarks is not needed and not required.)
     """
     split_c = split_name(split)
     if split_c is None:
         raise DatasetError(f"affectnet: split {split!r} is not a split name (train/val/test)")
-    df = _read_csv(path, AFFECTNET_COLUMNS)
+    df, rejects = _read_csv(path, AFFECTNET_COLUMNS)
     base = _base(path, root)
-    rows, rejects = [], []
+    rows = []
     for r in df.itertuples(index=False):
         rel = str(r.subDirectory_filePath).strip()
         source = os.path.join(base, rel)
@@ -256,12 +177,15 @@ def read_affectnet(path, root: str = "", split: str = "train") -> tuple[pd.DataF
                     raise LabelError(f"{what} {v:g} outside [-1, 1]")
                 va[what] = v
             box = [_number(getattr(r, c), c) for c in ("face_x", "face_y", "face_width", "face_height")]
+            if max(abs(v) for v in box) > MAX_BOX:
+                raise LabelError(f"face box {tuple(box)} out of range (beyond {MAX_BOX:g} px)")
             if box[2] <= 0 or box[3] <= 0:
                 raise LabelError(f"face box width/height not positive ({box[2]:g}x{box[3]:g})")
             if not rel:
                 raise LabelError("empty subDirectory_filePath")
-        except LabelError as e:
-            rejects.append({"source": source, "line": int(r.csv_line), "reason": str(e)})
+            source = inside_root(base, rel, outside_root)
+        except (LabelError, PathError) as e:
+            rejects.append({"source": printable(source), "line": int(r.csv_line), "reason": str(e)})
             continue
         rows.append({"id": rel, "source": source, "split": split_c, "label_name": label, **va,
                      "box_x": int(round(box[0])), "box_y": int(round(box[1])),
@@ -269,16 +193,58 @@ def read_affectnet(path, root: str = "", split: str = "train") -> tuple[pd.DataF
     return _frames(rows, rejects, ["box_x", "box_y", "box_w", "box_h"])
 
 
-def read_listfile(path, root: str = "", split: str = "train", sort: bool = False,
-                  ignore_missing: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _listfile_sequences(entries: list[tuple], sort: bool, per_frame_labels: bool) -> dict[int, str]:
+    """{seq_number: reason} for the sequences of a list file that cannot be used as written: lines
+    not contiguous, frame numbers (the number ending the file name) not increasing, or labels that
+    differ between frames (unless per_frame_labels)."""
+    lines_of: dict[int, list[int]] = {}
+    for i, e in enumerate(entries):
+        lines_of.setdefault(e[0], []).append(i)
+    bad = {}
+    for seq, idx in lines_of.items():
+        lines = [entries[i][4] for i in idx]
+        if idx != list(range(idx[0], idx[0] + len(idx))):
+            bad[seq] = (f"the lines of sequence {seq} are not contiguous (lines {', '.join(map(str, lines))}); "
+                        "sort=true orders them")
+            continue
+        numbers = [frame_number(entries[i][1]) for i in idx]
+        if None not in numbers:
+            for j in range(1, len(idx)):
+                if numbers[j] <= numbers[j - 1]:
+                    what = "repeats" if numbers[j] == numbers[j - 1] else "comes after"
+                    bad[seq] = (f"frames of sequence {seq} out of order: frame {numbers[j]} (line {lines[j]}) "
+                                f"{what} frame {numbers[j - 1]} (line {lines[j - 1]})"
+                                + ("" if sort else "; sort=true orders them"))
+                    break
+            if seq in bad:
+                continue
+        labels = [tuple(entries[i][3]) for i in idx]
+        if not per_frame_labels and len(set(labels)) > 1:
+            first: dict[tuple, int] = {}  # each label set at its first line
+            for lab, line in zip(labels, lines):
+                first.setdefault(lab, line)
+            shown = ", ".join(f"{' '.join(f'{v:g}' for v in lab)} (line {line})" for lab, line in list(first.items())[:4])
+            bad[seq] = (f"labels disagree within sequence {seq}: {shown}; per_frame_labels=true keeps "
+                        "per-frame labels")
+    return bad
+
+
+def read_listfile(path, root: str = "", split: str = "train", sort: bool = False, ignore_missing: bool = False,
+                  per_frame_labels: bool = False, outside_root: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """LSTM-on-CNN list file: `path label [label2 ...] seq_number` per line, whitespace separated.
 
     The first label goes to `label_value` (float; label_name = its integer as text when integral, so
     classification labels act as class names and regression targets leave it ""), the others,
     space-joined, to `labels_extra`. sequence_id = seq_number; frame_index = position inside the
-    sequence. sort=True orders lines by (seq_number, path) and renumbers sequences 0, 1, ...
-    ignore_missing=True makes absent images rejects rows; otherwise they are an error. Blank lines and
-    lines starting with '#' are skipped. id = the path as written.
+    sequence. The frames of a sequence must be contiguous lines in frame order (the number ending the
+    file name, when every frame has one) with one label for the whole sequence; a sequence that is not
+    is rejected whole (every line a rejects row, with the reason), like the CK+ reader does.
+    sort=True orders the lines by seq_number, then naturally by path (frame2 before frame10), and
+    renumbers sequences 0, 1, ...; per_frame_labels=True accepts labels that change within a sequence
+    (per-frame targets, as in Deep Pain). Image paths must resolve inside the root (symlinks followed)
+    unless outside_root=True. ignore_missing=True makes absent images rejects rows; otherwise they
+    are an error. Blank lines and lines starting with '#' are skipped; a line that is not UTF-8 text
+    is a rejects row. id = the path as written.
     """
     path = _check_file(path)
     split_c = split_name(split)
@@ -286,17 +252,18 @@ def read_listfile(path, root: str = "", split: str = "train", sort: bool = False
         raise DatasetError(f"listfile: split {split!r} is not a split name (train/val/test)")
     base = _base(path, root)
     entries, rejects, missing = [], [], []
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not a text file ({e})") from None
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError:
+            rejects.append({"source": printable(path), "line": line_no, "reason": "line is not valid UTF-8"})
+            continue
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
         source = os.path.join(base, fields[0])
         if len(fields) < 3:
-            rejects.append({"source": source, "line": line_no,
+            rejects.append({"source": printable(source), "line": line_no,
                             "reason": f"expected 'path label [label2 ...] seq_number', got {len(fields)} fields"})
             continue
         try:
@@ -304,8 +271,9 @@ def read_listfile(path, root: str = "", split: str = "train", sort: bool = False
             seq = _number(fields[-1], "seq_number")
             if seq != int(seq):
                 raise LabelError(f"seq_number {fields[-1]!r} is not an integer")
-        except LabelError as e:
-            rejects.append({"source": source, "line": line_no, "reason": str(e)})
+            source = inside_root(base, fields[0], outside_root)
+        except (LabelError, PathError) as e:
+            rejects.append({"source": printable(source), "line": line_no, "reason": str(e)})
             continue
         if not os.path.isfile(source):
             if not ignore_missing:
@@ -321,7 +289,13 @@ def read_listfile(path, root: str = "", split: str = "train", sort: bool = False
     if not entries and not rejects:
         raise DatasetError(f"{path}: no entries (empty list file)")
     if sort:
-        entries.sort(key=lambda e: (e[0], e[1]))
+        entries.sort(key=lambda e: (e[0], natural_key(e[1])))
+    bad = _listfile_sequences(entries, sort, per_frame_labels)
+    for seq, _, source, _, line_no in entries:
+        if seq in bad:
+            rejects.append({"source": source, "line": line_no, "reason": bad[seq]})
+    entries = [e for e in entries if e[0] not in bad]
+    if sort:
         renumber = {s: i for i, s in enumerate(dict.fromkeys(e[0] for e in entries))}
         entries = [(renumber[s], *rest) for s, *rest in entries]
     rows, count = [], {}
@@ -336,15 +310,16 @@ def read_listfile(path, root: str = "", split: str = "train", sort: bool = False
     return _frames(rows, rejects, ["label_value", "labels_extra"])
 
 
-def read_guided_st(path, root: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_guided_st(path, root: str = "", outside_root: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Guided-ST distribution CSV `emotion;path;in_set;fold` (';'-separated).
 
     emotion is their 3-class polarity code: 0 neutral, 1 positive, 2 negative. in_set is the split
-    (mapped like folder names), fold their k-fold index (-1 when empty). id = the path as written.
+    (mapped like folder names), fold their k-fold index (-1 when empty). id = the path as written;
+    it must resolve inside the root unless outside_root=True.
     """
-    df = _read_csv(path, ["emotion", "path", "in_set", "fold"], sep=";")
+    df, rejects = _read_csv(path, ["emotion", "path", "in_set", "fold"], sep=";")
     base = _base(path, root)
-    rows, rejects = [], []
+    rows = []
     for r in df.itertuples(index=False):
         rel = str(r.path).strip()
         source = os.path.join(base, rel)
@@ -356,13 +331,14 @@ def read_guided_st(path, root: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
             fold = -1
             if str(r.fold).strip():
                 f = _number(r.fold, "fold")
-                if f != int(f):
-                    raise LabelError(f"fold {r.fold!r} is not an integer")
+                if f != int(f) or not -1 <= f < 10**6:
+                    raise LabelError(f"fold {r.fold!r} is not an integer in -1..999999")
                 fold = int(f)
             if not rel:
                 raise LabelError("empty path")
-        except LabelError as e:
-            rejects.append({"source": source, "line": int(r.csv_line), "reason": str(e)})
+            source = inside_root(base, rel, outside_root)
+        except (LabelError, PathError) as e:
+            rejects.append({"source": printable(source), "line": int(r.csv_line), "reason": str(e)})
             continue
         rows.append({"id": rel, "source": source, "split": split, "label_name": label, "fold": fold,
                      "_line": int(r.csv_line)})
@@ -377,7 +353,6 @@ READERS = {
     "guided_st": read_guided_st,
 }
 # the sequence formats (ck_sequences, video) live in data/sequences.py, which imports this module
-from ferpipe.data.sequences import SEQUENCE_READERS  # noqa: E402
 
 READERS.update(SEQUENCE_READERS)
 

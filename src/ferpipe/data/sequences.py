@@ -26,24 +26,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ferpipe.data.paths import PathError, inside_root, printable
+from ferpipe.data.tables import IMAGE_EXTENSIONS, DatasetError, _entries, _frames, _read_csv, split_name
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 _CK_SUBJECT = re.compile(r"^(S\d+)_", re.IGNORECASE)
 
 
-def _readers():
-    # imported lazily: readers.py imports this module to register the formats
-    from ferpipe.data import readers
-    return readers
-
-
 def _finish(rows: list[dict], rejects: list[dict], what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    rd = _readers()
     if not rows:
         reasons = pd.Series([r["reason"] for r in rejects], dtype=str)
         common = "; ".join(f"{k} x{v}" for k, v in reasons.str.split(" \\(").str[0].value_counts().head(3).items())
-        raise rd.DatasetError(f"{what}: no usable sequence ({len(rejects)} rejected: {common or 'nothing found'})")
-    manifest, rej = rd._frames(rows, rejects, ["frame_number"])
+        raise DatasetError(f"{what}: no usable sequence ({len(rejects)} rejected: {common or 'nothing found'})")
+    manifest, rej = _frames(rows, rejects, ["frame_number"])
     manifest["frame_number"] = manifest["frame_number"].astype(np.int64)
     return manifest, rej
 
@@ -74,14 +70,13 @@ def _sequence_labels(df: pd.DataFrame, key: str, rejects: list[dict], source_of)
 
 def _resolve_csv(path, labels: str, what: str) -> tuple[Path, Path]:
     """(labels CSV, folder) for a path that is the dataset folder or the labels CSV itself."""
-    rd = _readers()
     p = Path(path)
     if not p.exists():
-        raise rd.DatasetError(f"{p}: not found ({what} expects a folder with {labels}, or the labels CSV)")
+        raise DatasetError(f"{p}: not found ({what} expects a folder with {labels}, or the labels CSV)")
     if p.is_dir():
         csv = Path(labels) if os.path.isabs(labels) else p / labels
         if not csv.is_file():
-            raise rd.DatasetError(f"{p}: no {labels} (the labels CSV of the {what} format)")
+            raise DatasetError(f"{p}: no {labels} (the labels CSV of the {what} format)")
         return csv, p
     return p, p.parent
 
@@ -101,22 +96,20 @@ def read_ck_sequences(path, root: str = "", split: str = "train", min_length: in
     sequence id. Labels are canonical (anger -> angry, sadness -> sad; contempt kept).
     id = "<sequence>/<file stem>". Sequences with fewer than `min_length` frames are rejected.
     """
-    rd = _readers()
     from ferpipe.data.labels import canonical
-    split_c = rd.split_name(split)
+    split_c = split_name(split)
     if split_c is None:
-        raise rd.DatasetError(f"ck_sequences: split {split!r} is not a split name (train/val/test)")
+        raise DatasetError(f"ck_sequences: split {split!r} is not a split name (train/val/test)")
     csv, top = _resolve_csv(path, labels, "ck_sequences")
     frames_dir = Path(root) if root else top / frames
     if not frames_dir.is_dir():
-        raise rd.DatasetError(f"{frames_dir}: frames folder not found (expected <folder>/{frames}/<sequence>/<frame>.png)")
-    df = rd._read_csv(csv, ["sequence_id", "label"])
+        raise DatasetError(f"{frames_dir}: frames folder not found (expected <folder>/{frames}/<sequence>/<frame>.png)")
+    df, rejects = _read_csv(csv, ["sequence_id", "label"])
     df["sequence_id"] = df["sequence_id"].str.strip()
     per_frame = "file" in {c.strip().lower() for c in df.columns}
     if per_frame:
         df = df.rename(columns={c: "file" for c in df.columns if c.strip().lower() == "file"})
     subj_col = next((c for c in df.columns if c.strip().lower() == "subject"), None)
-    rejects: list[dict] = []
     seq_labels = _sequence_labels(df, "sequence_id", rejects, lambda s: str(frames_dir / s))
     bad_seqs = {str(s).strip() for s in df["sequence_id"]} - set(seq_labels)
     subjects = {}
@@ -127,9 +120,11 @@ def read_ck_sequences(path, root: str = "", split: str = "train", min_length: in
     if per_frame:  # per-frame rows: which files the CSV names (others are frames without a label row)
         frame_labels = {(s, str(f).strip()): int(line) for s, f, line in zip(df["sequence_id"], df["file"], df["csv_line"])}
 
-    folders = {e.name: e for e in os.scandir(frames_dir) if e.is_dir()}
-    for e in sorted(os.scandir(frames_dir), key=lambda e: e.name):
-        if not e.is_dir():
+    folders = {}
+    for e, is_dir in _entries(frames_dir, rejects, key=lambda e: e.name):
+        if is_dir:
+            folders[e.name] = e
+        else:
             rejects.append({"source": e.path, "line": -1, "reason": "file outside a sequence folder"})
     for seq, (_, line) in seq_labels.items():
         if seq not in folders:
@@ -146,11 +141,11 @@ def read_ck_sequences(path, root: str = "", split: str = "train", min_length: in
             continue
         label, line = seq_labels[seq]
         found, numbers = [], {}
-        for f in sorted(os.scandir(folder.path), key=lambda f: f.name):
+        for f, f_is_dir in _entries(folder.path, rejects, key=lambda f: f.name):
             stem, ext = os.path.splitext(f.name)
-            if f.is_dir():
+            if f_is_dir:
                 rejects.append({"source": f.path, "line": -1, "reason": "folder inside a sequence folder (not read)"})
-            elif ext.lower() not in rd.IMAGE_EXTENSIONS:
+            elif ext.lower() not in IMAGE_EXTENSIONS:
                 rejects.append({"source": f.path, "line": -1, "reason": "not an image extension"})
             elif frame_labels is not None and (seq, f.name) not in frame_labels:
                 rejects.append({"source": f.path, "line": -1, "reason": f"frame has no {csv.name} row"})
@@ -199,7 +194,7 @@ def count_frames(video: str | os.PathLike) -> int:
 
 
 def read_video(path, root: str = "", split: str = "train", labels: str = "labels.csv", every: int = 1,
-               max_frames: int = 0, min_length: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+               max_frames: int = 0, min_length: int = 1, outside_root: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Videos (mp4, avi, ...) + a labels CSV `file,label[,subject]`; one sequence per video.
 
     `path` is the folder holding the videos and `labels` (default labels.csv), or the CSV itself
@@ -208,21 +203,20 @@ def read_video(path, root: str = "", split: str = "train", labels: str = "labels
     open or has no decodable frame, a CSV row without its file, a video in the folder without a CSV row
     and rows of one file whose labels disagree are rejects rows. sequence_id = the file path relative
     to the video folder without its extension; id = "<sequence>/<frame number, 6 digits>";
-    source = "<video path>#frame=<n>".
+    source = "<video path>#frame=<n>". A `file` that resolves outside the video folder (`../`, an
+    absolute path, a symlink out) is a rejects row unless outside_root=True.
     """
-    rd = _readers()
     if every < 1 or max_frames < 0 or min_length < 1:
-        raise rd.DatasetError(f"video: every must be >= 1, max_frames >= 0, min_length >= 1 "
+        raise DatasetError(f"video: every must be >= 1, max_frames >= 0, min_length >= 1 "
                               f"(got {every}, {max_frames}, {min_length})")
-    split_c = rd.split_name(split)
+    split_c = split_name(split)
     if split_c is None:
-        raise rd.DatasetError(f"video: split {split!r} is not a split name (train/val/test)")
+        raise DatasetError(f"video: split {split!r} is not a split name (train/val/test)")
     csv, top = _resolve_csv(path, labels, "video")
     base = Path(root) if root else top
-    df = rd._read_csv(csv, ["file", "label"])
+    df, rejects = _read_csv(csv, ["file", "label"])
     df["file"] = df["file"].str.strip()
     subj_col = next((c for c in df.columns if c.strip().lower() == "subject"), None)
-    rejects: list[dict] = []
     file_labels = _sequence_labels(df, "file", rejects, lambda f: str(base / f))
     subjects = {}
     if subj_col:
@@ -231,11 +225,16 @@ def read_video(path, root: str = "", split: str = "train", labels: str = "labels
     listed = {os.path.normpath(f) for f in df["file"]}
     for f in sorted(base.rglob("*")) if base.is_dir() else []:
         rel = os.path.normpath(os.path.relpath(f, base))
-        if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS and rel not in listed:
-            rejects.append({"source": str(f), "line": -1, "reason": f"video has no {csv.name} row"})
+        if f.suffix.lower() in VIDEO_EXTENSIONS and rel not in listed and f.is_file():
+            rejects.append({"source": printable(f), "line": -1, "reason": f"video has no {csv.name} row"})
     rows = []
     for rel, (label, line) in file_labels.items():
         video = base / rel
+        try:
+            video = Path(inside_root(base, rel, outside_root))
+        except PathError as e:
+            rejects.append({"source": printable(video), "line": line, "reason": str(e)})
+            continue
         if not video.is_file():
             rejects.append({"source": str(video), "line": line, "reason": "file not found"})
             continue

@@ -11,7 +11,7 @@ import pandas as pd
 from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
 from ferpipe.data.labels import class_list, polarity
-from ferpipe.store import write_csv, write_json
+from ferpipe.store import write_csv, write_json, writes
 
 TASKS = ("classes", "polarity", "valence_arousal")
 POLARITY = ["neutral", "positive", "negative"]
@@ -112,6 +112,7 @@ def make_split(manifest: pd.DataFrame, task: str = "polarity", folds: int = 5, s
     return table, summary
 
 
+@writes("out_path", "summary_path")
 def run_split(manifest_path: str, out_path: str, summary_path: str, task: str = "polarity", folds: int = 5,
               seed: int = 2020, test=("test",)) -> dict:
     manifest = pd.read_csv(manifest_path, keep_default_na=False, na_values=[""],

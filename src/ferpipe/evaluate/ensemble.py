@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ferpipe.evaluate.metrics import classification_metrics, predictions_table, read_predictions
-from ferpipe.store import write_csv, write_json
+from ferpipe.store import write_csv, write_json, writes
 
 
 def read_csv(path: str | os.PathLike) -> pd.DataFrame:
@@ -54,6 +54,7 @@ def ensemble(frames: list[pd.DataFrame], weights: list[float] | None = None, nam
     return predictions_table(ids, y, probs, classes), metrics
 
 
+@writes("out", "predictions")
 def run_ensemble(paths: list[str], out: str | None = None, predictions: str | None = None,
                  weights: list[float] | None = None) -> dict:
     frames = [read_csv(p) for p in paths]

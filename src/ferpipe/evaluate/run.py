@@ -14,6 +14,7 @@ no part in training or model selection. The model evaluated (``evaluate.members`
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from ferpipe.evaluate.metrics import classification_metrics, confusion, predictions_table
 from ferpipe.evaluate.plots import confusion_png, errors_png
-from ferpipe.store import write_csv, write_json
+from ferpipe.store import settle, write_csv, write_json, writes
 from ferpipe.train.augment import BatchAugment
 from ferpipe.train.checkpoint import load_checkpoint
 from ferpipe.train.data import InputSpec, TensorData, load_data, normalize, split_channels
@@ -45,18 +46,24 @@ def resolve_params(prm: dict | None) -> dict:
     return out
 
 
-def _fold_number(path: Path) -> int:
-    try:
-        return int(path.stem.removeprefix("fold"))
-    except ValueError:
-        return 10**9
+_FOLD_FILE = re.compile(r"^fold(\d+)\.pt$")
 
 
 def select_checkpoints(models_dir: str | os.PathLike, members: str = "auto") -> tuple[str, list[Path]]:
-    """('final' | 'folds', the checkpoint paths) for an evaluate.members setting."""
+    """('final' | 'folds', the checkpoint paths) for an evaluate.members setting.
+
+    Only the train stage's names count: final.pt and fold<k>.pt (k a number). Any other .pt file in
+    the folder (a user's fold_old.pt) is left out with a warning, never averaged in. A train run
+    killed while swapping its folder in is completed first (ferpipe.store.settle).
+    """
     models_dir = Path(models_dir)
+    settle(models_dir)
     final = models_dir / "final.pt"
-    folds = sorted(models_dir.glob("fold*.pt"), key=_fold_number)
+    found = sorted(models_dir.glob("*.pt"))
+    folds = sorted((p for p in found if _FOLD_FILE.match(p.name)), key=lambda p: int(_FOLD_FILE.match(p.name)[1]))
+    for p in found:
+        if p != final and p not in folds:
+            print(f"warning: {p} is not a train stage checkpoint name (fold<k>.pt, final.pt): not evaluated")
     if members in ("auto", "final") and final.is_file():
         return "final", [final]
     if members == "final":
@@ -92,6 +99,7 @@ def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: 
     return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size)
 
 
+@writes("metrics_path", "predictions_path", "confusion_path", "errors_path")
 def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "data/split/split.csv",
                  gray48: str = "data/gray48/images.h5", guides_dir: str = "data/guides",
                  metrics_path: str | None = "metrics/eval.json", predictions_path: str | None = "plots/eval/predictions.csv",

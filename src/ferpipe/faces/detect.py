@@ -13,7 +13,7 @@ dlib's 68-point predictor then runs on each box at full resolution. The landmark
 ``align_face`` maps them onto ``FER_TEMPLATE`` (the mean landmarks of FER-2013 crops, from
 ``bench/fer_template.py``) with a similarity transform (rotation, scale, shift), so a face cut out of
 a photo is framed, scaled and levelled the way the training crops are. The crop is taken at the
-face's own resolution and then resized with ``decode.resize`` exactly as ingest resizes a crop.
+face's own resolution and then resized with ``ferpipe.imaging.resize`` exactly as ingest resizes a crop.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ferpipe.data.decode import resize
+from ferpipe.imaging import resize
 from ferpipe.faces.models import dlib_model
 
 DETECTOR_PASSES = ("hog_fast", "hog", "mtcnn")
@@ -86,7 +86,7 @@ def align_face(gray: np.ndarray, landmarks: np.ndarray, size: int, margin: float
 
     ``margin`` > 1 shows more around the face (the template shrinks about the crop centre). The crop
     is first taken at the face's own resolution (no aliasing when a large face shrinks), then resized
-    to `size` with decode.resize, as ingest resizes; outside the photo the border is replicated.
+    to `size` with ferpipe.imaging.resize, as ingest resizes; outside the photo the border is replicated.
     """
     if margin <= 0:
         raise ValueError(f"margin must be > 0, got {margin}")

@@ -10,19 +10,25 @@ Every image gets 68 points. `found` is True only when a detector produced the fa
 the predictor runs on a fixed box (the median dlib box on FER crops) and `method` is "fallback":
 a flagged guess, never silent garbage.
 
-Coordinates are (x, y) normalized to [0, 1] of the image width and height, so they apply at any size.
+Coordinates are (x, y) as a share of the image width and height, so they apply at any size. They
+are NOT clipped to [0, 1]: dlib's predictor places points it infers beyond the border (a chin below a
+tight FER crop) slightly outside, seen up to ~1.03; clipping would bend the face shape. Code that
+indexes pixels with them must clip (the guide maps' drawing clips at the image border).
+
+The detection workers die with the stage (ferpipe.pool): a killed run leaves no worker behind.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ferpipe.data.gray import resize_batch
+from ferpipe.imaging import resize_batch
 from ferpipe.faces.models import dlib_model
+from ferpipe.pool import spawn_pool
+from ferpipe.store import writes
 
 PASSES = ("dlib", "dlib_equalized", "dlib_padded", "mtcnn", "haar", "mmod")
 FALLBACK = "fallback"
@@ -37,7 +43,7 @@ class Landmarks:
     found: np.ndarray  # bool [N]
     method: np.ndarray  # str [N]: the pass that found the face box, or "fallback"
     confidence: np.ndarray  # float32 [N]: the detector's own score (compare within one method)
-    box: np.ndarray  # float32 [N, 4] normalized (left, top, right, bottom)
+    box: np.ndarray  # float32 [N, 4] normalized (left, top, right, bottom): the whole-pixel box the predictor used
 
 
 class Detector:
@@ -94,7 +100,17 @@ class Detector:
         return (d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), float(d.confidence)
 
     def _mtcnn_batch(self, imgs: np.ndarray) -> list:
-        boxes, probs = self.mtcnn.detect(np.repeat(imgs[..., None], 3, axis=-1))
+        import warnings
+
+        import torch
+
+        # oneDNN's convolutions take a code path per CPU instruction set (AVX2, AVX-512, ...): its boxes
+        # and scores differed in the last bits between machines. ATen's convolution does not (measured:
+        # ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY change nothing then), at ~1.2x MTCNN time.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about TF32 on Intel GPUs when the flags change
+            with torch.backends.mkldnn.flags(enabled=False):
+                boxes, probs = self.mtcnn.detect(np.repeat(imgs[..., None], 3, axis=-1))
         out = []
         for b, p in zip(boxes, probs):
             if b is None:
@@ -135,11 +151,13 @@ class Detector:
         box_arr = np.empty((n, 4), np.float32)
         fb = tuple(v * s for v, s in zip(FALLBACK_BOX, (w, h, w, h)))
         for i in range(n):
-            l, t, r, b = boxes[i] if boxes[i] is not None else fb
-            rect = self.dlib.rectangle(int(round(l)), int(round(t)), int(round(r)), int(round(b)))
-            shape = self.predictor(imgs[i], rect)
+            l, t, r, b = (int(round(v)) for v in (boxes[i] if boxes[i] is not None else fb))
+            shape = self.predictor(imgs[i], self.dlib.rectangle(l, t, r, b))
             points[i] = [(p.x, p.y) for p in shape.parts()]
+            # the whole-pixel box the predictor ran on: a detector's float box differs in its last bits
+            # between CPUs (BLAS code paths), the pixels it rounds to (and so the points) do not
             box_arr[i] = (l, t, r, b)
+        conf = np.round(conf, 4)  # the same: a score, comparable within a method, to 4 decimals
         points /= np.array([w, h], np.float32)
         box_arr /= np.array([w, h, w, h], np.float32)
         found = method != FALLBACK
@@ -178,7 +196,7 @@ def detect_landmarks(images: np.ndarray, size: int = 96, passes=PASSES, workers:
     else:
         # spawn, not fork: forking a process whose torch/OpenMP threads already ran deadlocks the child.
         # Each worker builds its own models once (dlib/torch objects don't pickle).
-        with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(tuple(passes),)) as pool:
+        with spawn_pool(workers, initializer=_init, initargs=(tuple(passes),)) as pool:
             for part in pool.imap(_detect_chunk, chunks):
                 parts.append(part)
                 bar.update(len(part.found))
@@ -190,9 +208,13 @@ def detect_landmarks(images: np.ndarray, size: int = 96, passes=PASSES, workers:
                        ("points", "found", "method", "confidence", "box")))
 
 
+@writes("out_path", "metrics_path", "sheet_path")
 def run_landmarks(images_path: str, out_path: str, metrics_path: str | None, sheet_path: str | None,
                   size: int = 96, passes=PASSES, workers: int = 0, chunk: int = 256) -> dict:
-    """The landmarks stage: read normalized images, write landmarks.h5, metrics and a contact sheet."""
+    """The landmarks stage: read normalized images, write landmarks.h5, metrics and a contact sheet
+    (one output set: a failed or killed run leaves the previous three as they were)."""
+    if int(size) < 1 or int(chunk) < 1:
+        raise ValueError(f"landmarks size and chunk must be >= 1, got {size} and {chunk}")
     from ferpipe.params import workers as n_workers
     from ferpipe.plots import draw_points, grid, write_png
     from ferpipe.store import read_h5, write_h5, write_json
@@ -202,7 +224,8 @@ def run_landmarks(images_path: str, out_path: str, metrics_path: str | None, she
     write_h5(out_path, {"landmarks": lm.points, "found": lm.found, "method": lm.method,
                         "confidence": lm.confidence, "box": lm.box, "ids": data["ids"]},
              {"stage": "landmarks", "size": size, "passes": list(passes),
-              "coords": "(x, y) normalized to [0, 1] of the image width/height"})
+              "coords": "(x, y) as a share of the image width/height; points past the border fall "
+                        "slightly outside [0, 1] (not clipped)"})
     n = len(lm.found)
     methods = list(passes) + [FALLBACK]
     metrics = {"images": n, "found_share": float(lm.found.mean()) if n else 0.0,

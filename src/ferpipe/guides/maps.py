@@ -25,7 +25,7 @@ import numpy as np
 
 from ferpipe.faces.draw import draw_regions_batch
 from ferpipe.plots import draw_points, grid, sample_indices, write_png
-from ferpipe.store import read_attrs, read_h5, write_h5
+from ferpipe.store import read_attrs, read_h5, write_h5, writes
 
 GUIDE_KINDS = ("landmarks", "soft", "dilation", "patches", "weighted", "saliency")
 
@@ -218,6 +218,7 @@ def make_guide(kind: str, images: np.ndarray, landmarks: np.ndarray | None, **pa
 
 
 # -------------------------------------------------------------------------------------- the stage
+@writes("out_path", "sheet_path")
 def run_guide(kind: str, images_path: str, landmarks_path: str | None, out_path: str,
               sheet_path: str | None = None, **params) -> dict:
     """Stage guide@<kind>: gray48 images + landmarks -> one packed guide artifact and a contact sheet.

@@ -6,8 +6,8 @@
   stage), ``"patches"`` / ``"weighted"`` (the collage written by guide@patches / guide@weighted).
 * ``guide``: the guide map the localization net sees (``None``: no guide is passed). Guide kinds
   are the names of the guide@<kind> stage outputs.
-* ``family``: ``deep_emotion`` | ``rmn`` | ``resnet`` | ``vgg``; ``stn_mode``: ``None`` | ``"original"`` |
-  ``"guided"``; ``in_size``: the default input side.
+* ``family``: ``deep_emotion`` | ``rmn`` | ``resnet`` | ``vgg`` | ``zoo``; ``stn_mode``: ``None`` |
+  ``"original"`` | ``"guided"``; ``in_size``: the default input side.
 
 =========  =========  =========  ==========  ========
 name       image      guide      model       stn_mode
@@ -24,6 +24,10 @@ rmn        gray48     -          RMN         -
 resnet18   gray48     -          GrayResNet  -
 vgg        gray48     -          CompactVGG  -
 =========  =========  =========  ==========  ========
+
+The ``zoo`` family, RMN's benchmark models (``ferpipe.models.zoo``, gray48 image, no guide, 1-channel
+stem, input side ``in_size``: default 48, 75 for inception_v3): vgg19, vgg19_bn, efficientnet_b2,
+googlenet, resnet34, inception_v3, bam_resnet50, cbam_resnet50, densenet121, resnet152.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from ferpipe.models.backbones import load_weights, read_state_dict, resnet18
 from ferpipe.models.deep_emotion import STN, Localization, SimpleCNN
 from ferpipe.models.rmn import RMN, MaskingBlock
 from ferpipe.models.vgg import CompactVGG
+from ferpipe.models.zoo import DEFAULT_SIZE, ZOO_NAMES, build_zoo
 
 
 def _spec(family: str, image: str = "gray48", guide: str | None = None,
@@ -54,6 +59,7 @@ MODEL_SPECS: dict[str, dict[str, Any]] = {
     "rmn": _spec("rmn"),
     "resnet18": _spec("resnet"),
     "vgg": _spec("vgg"),
+    **{name: _spec("zoo", in_size=DEFAULT_SIZE[name]) for name in ZOO_NAMES},
 }
 MODEL_NAMES = tuple(MODEL_SPECS)
 
@@ -68,6 +74,8 @@ def _factory(name: str) -> Callable[..., nn.Module]:
         return lambda num_classes, **kw: RMN(num_classes, **{"in_size": spec["in_size"], **kw})
     if spec["family"] == "vgg":
         return lambda num_classes, **kw: CompactVGG(num_classes, **kw)
+    if spec["family"] == "zoo":
+        return lambda num_classes, **kw: build_zoo(name, num_classes, **{"in_size": spec["in_size"], **kw})
     return lambda num_classes, **kw: resnet18(num_classes, **kw)
 
 
@@ -76,7 +84,7 @@ def build_model(name: str, num_classes: int, **kw: Any) -> nn.Module:
 
     SimpleCNN/STN: ``in_size``, ``dropout`` (STN also ``theta_bound``); RMN: ``in_size``, ``in_channels``, ``stem``,
     ``mask_depths``, ``dropout``, ``weights_path``; resnet18: ``weights_path``, ``in_channels``;
-    vgg: ``width``, ``blocks``, ``dropout``, ``in_channels``.
+    vgg: ``width``, ``blocks``, ``dropout``, ``in_channels``; zoo models: ``in_size``, ``weights_path``.
     """
     if name not in MODEL_SPECS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
@@ -138,5 +146,5 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 __all__ = [
     "MODEL_SPECS", "MODEL_NAMES", "build_model", "needs_guide", "get_head", "replace_head",
     "count_params", "SimpleCNN", "Localization", "STN", "RMN", "MaskingBlock", "resnet18", "CompactVGG",
-    "load_weights", "read_state_dict",
+    "load_weights", "read_state_dict", "ZOO_NAMES", "build_zoo",
 ]

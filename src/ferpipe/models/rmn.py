@@ -118,6 +118,7 @@ class RMN(nn.Module):
     """
 
     head_path = "fc.1"
+    optional_keys = ("mask",)  # a plain ResNet-34 checkpoint has no masks: they keep their initialization
 
     def __init__(
         self,
@@ -170,7 +171,7 @@ class RMN(nn.Module):
         for s, (width, depth) in enumerate(zip(STAGE_WIDTHS, mask_depths), start=1):
             setattr(self, f"mask{s}", MaskingBlock(width, depth))
         if weights_path is not None:
-            load_weights(self, weights_path, allow_missing=("mask",))
+            load_weights(self, weights_path)
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4:

@@ -38,9 +38,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ferpipe.data.gray import resize_batch
+from ferpipe.imaging import resize_batch
 from ferpipe.data.labels import class_list
-from ferpipe.store import read_attrs, read_h5, write_h5, write_json
+from ferpipe.store import read_attrs, read_h5, write_h5, write_json, writes
 
 MODES = ("cnn", "images")
 REGRESSION_LABELS = ("valence", "arousal", "label_value")  # label_value: a list file's first label
@@ -311,6 +311,7 @@ def frame_labels(manifest: pd.DataFrame, classes: list[str] | None = None) -> tu
     return labels, classes, regression
 
 
+@writes("out_h5", "metrics_path")
 def run_features(images_h5, manifest_csv, out_h5, mode: str = "cnn", checkpoint=None,
                  backbone: str | None = None, weights: str | None = None, layer: str = "fc1",
                  batch_size: int = 1024, guide_h5=None, standardize: bool = True, stats_from=None,

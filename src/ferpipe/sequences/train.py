@@ -37,7 +37,7 @@ from ferpipe.live import live_curves
 from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, parse_first, prefix_length, true_class_curve
 from ferpipe.sequences.features import read_features
 from ferpipe.sequences.models import KINDS, build_sequence_model, init_encoder, load_sequence_model, save_sequence_model
-from ferpipe.store import atomic_path, write_csv, write_h5, write_json
+from ferpipe.store import atomic_path, write_csv, write_h5, write_json, writes
 
 TASKS = ("classify", "regress")
 
@@ -597,6 +597,8 @@ def _round(obj):
     return obj
 
 
+@writes("model_out", "metrics_path", "predictions_csv",
+        lambda a: a["plots_dir"] and Path(a["plots_dir"]) / "confusion.png", dirs=["live_dir"])
 def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, predictions_csv=None,
                        live_dir=None, cfg: SequenceConfig | None = None, progress=_say) -> dict:
     """Cross-validate, then train and save the final model; write metrics, confusion PNG, predictions."""
@@ -653,6 +655,24 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
     return {**metrics, "seconds": round(seconds, 2)}  # the time is returned and printed, not stored
 
 
+def _check_sequence_model(path) -> None:
+    """ValueError naming the file's kind when it is not a train_sequence model (e.g. the image
+    training stage's checkpoint, which has 'model' where a sequence model has 'kind')."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"sequence model {path} not found")
+    try:
+        info = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # not a torch file at all, or not one weights_only can read
+        raise ValueError(f"{path} is not a model file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if isinstance(info, dict) and {"kind", "in_shape", "num_outputs", "kwargs"} <= set(info):
+        return
+    what = (f"an image model checkpoint ('{info.get('model')}', from the train stage)"
+            if isinstance(info, dict) and "model" in info else "not a train_sequence model")
+    raise ValueError(f"{path} is {what}; --test-only needs a sequence model saved by train_sequence "
+                     "(--model-out, default data/sequences/model.pt)")
+
+
+@writes("out_h5", "metrics_path")
 def run_test_only(model_path, features_h5, out_h5, metrics_path=None) -> dict:
     """Apply a saved sequence model to a features file; write its outputs (LSTM-on-CNN --test-only).
 
@@ -660,6 +680,7 @@ def run_test_only(model_path, features_h5, out_h5, metrics_path=None) -> dict:
     (S, 1), label (S, 1) the target (-1 / NaN if none), seq_number int32 (S,), sequence_id (S,), and
     steps [S, T, K] (the output after each frame). Samples are built as the model was trained.
     """
+    _check_sequence_model(model_path)
     model, info = load_sequence_model(model_path)
     cfg = SequenceConfig(**{k: v for k, v in info["meta"]["config"].items() if k in {f.name for f in fields(SequenceConfig)}})
     data = load_sequences(features_h5, cfg.task)

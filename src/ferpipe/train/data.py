@@ -72,14 +72,15 @@ def preprocess_record(spec: InputSpec, gray48: str | os.PathLike = "data/gray48/
     ran, not what params.yaml says now). Kept in every checkpoint's meta["preprocess"]: inference
     (ferpipe.recognize) repeats exactly these steps on new images.
 
-    {"ingest_size", "gray48_size", "landmarks": {"size", "passes"} or None, "guides": {kind: params}}
+    {"ingest_size", "gray48_size", "landmarks": {"size", "passes"} or None, "guides": {kind: params},
+     "face_margin": the ingest face crop's margin, None when ingest took the images as face crops}
     """
     from ferpipe.guides.maps import DEFAULT_PARAMS
 
     attrs = read_attrs(gray48) if Path(gray48).is_file() else {}
     size = int(attrs.get("size", spec.size))
     record = {"ingest_size": int(attrs.get("ingest_size", size)), "gray48_size": size, "landmarks": None,
-              "guides": {}}
+              "guides": {}, "face_margin": float(attrs["face_margin"]) if attrs.get("face_crop") else None}
     for kind in {spec.image, spec.guide} - {"gray48", None}:
         path = Path(guides_dir) / f"{kind}.h5"
         g = read_attrs(path) if path.is_file() else {}

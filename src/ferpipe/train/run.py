@@ -13,6 +13,7 @@ in each checkpoint's meta.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ferpipe.models import MODEL_SPECS, STN, build_model, load_weights, replace_head
 from ferpipe.live import live_curves
-from ferpipe.store import write_json
+from ferpipe.store import output_set, write_json
 from ferpipe.train.augment import BatchAugment
 from ferpipe.train.checkpoint import save_checkpoint
 from ferpipe.train.data import InputSpec, TensorData, channel_stats, load_data, preprocess_record
@@ -179,7 +180,18 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
     """Cross-validate (and optionally train the final model) as params say; return the metrics dict.
 
     ``params``: the whole params.yaml (``model``, ``task``, ``train``). Runs under torchrun too.
+    The models folder, the metrics file and the dvclive folder are one output set: the new folder
+    is built beside the old one and replaces it whole only when the run succeeds, so a failed or
+    killed run leaves the previous models and metrics exactly as they were, and no fold file of an
+    earlier run survives into a new set. Under torchrun only rank 0 writes.
     """
+    main = int(os.environ.get("RANK", "0")) == 0
+    with output_set([metrics_path], dirs=[models_dir, live_root]) if main else contextlib.nullcontext():
+        return _run_train(params, split_csv, gray48, guides_dir, models_dir, metrics_path, live_root)
+
+
+def _run_train(params: dict, split_csv: str, gray48: str, guides_dir: str, models_dir: str,
+               metrics_path: str | None, live_root: str | None) -> dict:
     name = params["model"]
     if name not in MODEL_SPECS:
         raise ValueError(f"model {name!r} is not a registry model ({', '.join(MODEL_SPECS)})")
@@ -192,9 +204,6 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
             raise ValueError("train.folds is none (no cross-validation) but train.final is false: nothing to train")
         models_dir = Path(models_dir)
         if rt.is_main:
-            models_dir.mkdir(parents=True, exist_ok=True)
-            for stale in list(models_dir.glob("fold*.pt")) + [models_dir / "final.pt"]:
-                stale.unlink(missing_ok=True)  # a previous run with other folds must not leak into evaluate
             print(f"train {name}: {len(data)} training rows, classes {data.classes}, folds {folds}, "
                   f"on {rt.describe()}", flush=True)
         base_meta = {"task": params.get("task"), "train_params": prm, "classes": data.classes,
@@ -241,6 +250,7 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
                     "input": data.spec.to_dict(),  # no timings: a rerun writes identical bytes
                     "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
                 print(f"final: {n_epochs} epochs on {len(rows)} rows ({res.seconds:.1f} s)", flush=True)
+        metrics["device"] = rt.describe()  # results depend on the thread count and CPU: say which ran
         if rt.is_main and metrics_path:
             write_json(metrics_path, metrics)
         return metrics

@@ -1,0 +1,76 @@
+"""dvc.yaml cannot go stale: every ferpipe module a stage's script can run is one of its deps, and
+every library file listed is one it runs. A change to any code a stage executes must rerun it."""
+from __future__ import annotations
+
+import ast
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+
+def module_file(name: str) -> Path | None:
+    """src/ path of a ferpipe module or package (its __init__.py)."""
+    base = SRC / Path(*name.split("."))
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def imported(path: Path) -> set[str]:
+    """ferpipe modules imported anywhere in a file (function-level imports too: they run)."""
+    tree = ast.parse(path.read_text())
+    pkg = ".".join(path.relative_to(SRC).with_suffix("").parts[:-1]) if path.is_relative_to(SRC) else ""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("ferpipe")}
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                mod = ".".join(p for p in parts + [mod] if p)
+            if mod.startswith("ferpipe"):
+                out.add(mod)
+                out |= {f"{mod}.{a.name}" for a in node.names if module_file(f"{mod}.{a.name}")}
+    return out
+
+
+def closure(script: Path) -> set[Path]:
+    """Library files a script can execute: the transitive ferpipe imports, with each package's
+    __init__.py (importing ferpipe.a.b runs ferpipe/a/__init__.py)."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        f = todo.pop()
+        for name in imported(f):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                p = module_file(".".join(parts[:i]))
+                if p is not None and p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+    return {p for p in seen if p.name != "__init__.py" or p.read_text().strip().count("\n") > 12}
+
+
+def stages() -> list[tuple[str, dict]]:
+    return list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items())
+
+
+@pytest.mark.parametrize("name,stage", stages(), ids=[n for n, _ in stages()])
+def test_every_module_a_stage_runs_is_a_dep(name, stage):
+    cmd = shlex.split(stage["cmd"] if isinstance(stage["cmd"], str) else stage["cmd"][0])
+    script = next(REPO / c for c in cmd if c.endswith(".py"))
+    deps = {str(d) for d in stage.get("deps", [])}
+    listed = {REPO / d for d in deps if d.startswith("src/ferpipe/") and d.endswith(".py")}
+    runs = closure(script)
+    missing = sorted(str(p.relative_to(REPO)) for p in runs - listed)
+    stale = sorted(str(p.relative_to(REPO)) for p in listed - runs)
+    assert str(script.relative_to(REPO)) in deps, f"{name}: its script is not a dep"
+    assert not missing, f"{name}: runs these files but does not list them as deps: {missing}"
+    assert not stale, f"{name}: lists files it never imports: {stale}"
