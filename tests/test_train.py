@@ -254,6 +254,32 @@ def test_params_and_folds_are_checked():
         select_folds([5], [0, 1, 2])
 
 
+def test_balanced_selection_holds_with_a_live_logger(art):
+    """The selected figure stays balanced accuracy on every epoch while a dvclive-like logger records
+    them all (the logging loop once reused the selection's variable: from epoch 2 on it selected by
+    accuracy, and the demo's folds kept their epoch-2 constant answer)."""
+    class Live:
+        step = 0
+        def __init__(self):
+            self.logged = []
+        def log_metric(self, name, value):
+            self.logged.append((self.step, name, value))
+        def next_step(self):
+            pass
+
+    seed_everything(0)
+    data = load_data(art["split"], "baseline", gray48=art["gray48"], guides_dir=art["guides"])
+    data.spec.mean, data.spec.std = [0.2], [0.3]
+    live = Live()
+    cfg = FitConfig(max_epochs=8, patience=0, batch_size=16, lr=3e-3, select="balanced_accuracy", log_every=1,
+                    progress=False)
+    res = fit(build_model("baseline", 3), data, data.train_rows(exclude_fold=0), data.val_rows(0), cfg, CPU1,
+              live=live)
+    bal = [h["val_bal_acc"] for h in res.history]
+    assert res.best_epoch == bal.index(max(bal)) + 1 and res.best_score == max(bal)
+    assert {n for _, n, _ in live.logged} >= {"val/bal_acc", "val/acc", "train/loss"}
+
+
 def test_fit_learns_and_keeps_the_best_validation_epoch(art):
     seed_everything(0)
     data = load_data(art["split"], "baseline", gray48=art["gray48"], guides_dir=art["guides"])

@@ -346,9 +346,9 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
         if rt.is_main:
             if live is not None:
                 live.step = epoch
-                for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-                    if key in row:
-                        live.log_metric(key.replace("_", "/", 1), row[key])
+                for name in ("train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc"):
+                    if name in row:  # not `key`: that names the selected figure
+                        live.log_metric(name.replace("_", "/", 1), row[name])
                 live.next_step()
             last = f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
             if has_val:
