@@ -280,6 +280,26 @@ def test_balanced_selection_holds_with_a_live_logger(art):
     assert {n for _, n, _ in live.logged} >= {"val/bal_acc", "val/acc", "train/loss"}
 
 
+def test_balanced_selection_waits_for_a_model_better_than_a_constant_answer(art):
+    """A model that answers one class for everything (lr 0, zero last layer: balanced accuracy exactly
+    1/classes) is not early-stopped under balanced selection, it gets max_epochs to learn; accuracy
+    selection (Guided-ST) stops it after `patience` epochs as before."""
+    data = load_data(art["split"], "baseline", gray48=art["gray48"], guides_dir=art["guides"])
+    tr, va = data.train_rows(exclude_fold=0), data.val_rows(0)
+    epochs = {}
+    for select in ("balanced_accuracy", "accuracy"):
+        seed_everything(0)
+        model = build_model("baseline", 3)
+        with torch.no_grad():
+            model.fc2.weight.zero_()
+            model.fc2.bias.zero_()
+        cfg = FitConfig(max_epochs=6, patience=2, batch_size=16, lr=0.0, select=select, log_every=0, progress=False)
+        res = fit(model, data, tr, va, cfg, CPU1)
+        assert res.history[0]["val_bal_acc"] == pytest.approx(1 / 3)
+        epochs[select] = res.epochs
+    assert epochs == {"balanced_accuracy": 6, "accuracy": 3}
+
+
 def test_fit_learns_and_keeps_the_best_validation_epoch(art):
     seed_everything(0)
     data = load_data(art["split"], "baseline", gray48=art["gray48"], guides_dir=art["guides"])

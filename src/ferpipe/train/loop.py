@@ -10,7 +10,9 @@ Why balanced accuracy exists: with class weights the loss asks for a balanced an
 accuracy rewards the majority class. A constant answer in the first epoch scores the majority share
 (0.50 on the demo's polarity folds), a model that has started to learn scores less for a while, and
 30 epochs of patience (60 optimizer steps on the demo's 256 training rows) ended such folds with
-the epoch-1 constant model. A constant answer's balanced accuracy is 1/classes, the lowest there is.
+the epoch-1 constant model. A constant answer's balanced accuracy is 1/classes, and with balanced
+selection patience only starts counting once a model beats that: a fold at chance keeps training (up
+to max_epochs) rather than stopping with its epoch-1 model.
 
 Device and processes: ``setup_runtime`` picks CUDA (with autocast mixed precision) when present,
 else CPU with ``torch.set_num_threads``; under ``torchrun`` it joins the process group (gloo on
@@ -284,6 +286,10 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     order = torch.Generator().manual_seed(int(cfg.seed))
     patience = cfg.patience if cfg.patience and cfg.patience > 0 else math.inf
+    # balanced selection: patience starts once a model beats a constant answer (1/classes present), so a
+    # fold whose first epochs sit at chance gets time to learn instead of keeping its epoch-1 model
+    floor = (1.0 / max(1, int((data.class_counts(val_rows) > 0).sum())) + 1e-9
+             if val_rows is not None and len(val_rows) and key == "val_bal_acc" else -math.inf)
     # tqdm: disable=None shows a bar only on a terminal (dvc repro logs stay readable)
     bar_off = True if not rt.is_main else (None if cfg.progress is None else not cfg.progress)
     last = ""  # the previous epoch's summary, shown on the next epoch's bar
@@ -342,7 +348,7 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
                 best.best_val_acc, best.best_val_loss = row["val_acc"], row["val_loss"]
                 best.best_val_bal_acc, best.best_score = row["val_bal_acc"], row[key]
         best.epochs = epoch
-        stop = has_val and epoch - best.best_epoch >= patience
+        stop = has_val and epoch - best.best_epoch >= patience and best.best_score > floor
         if rt.is_main:
             if live is not None:
                 live.step = epoch
