@@ -22,9 +22,11 @@ from ferpipe.params import params_section
 from ferpipe.sequences.features import MODES, run_features
 from ferpipe.stagecli import run_stage, stage_parser
 
-# used where params.yaml has no sequence.features section (the same values as conf/config.yaml)
-DEFAULTS = {"mode": "cnn", "checkpoint": "src/ferpipe/weights/fer2013_vgg7.pt", "backbone": "", "weights": "", "layer": "flatten",
-            "batch_size": 1024, "standardize": True, "stats_from": "", "size": 48, "guide": "", "landmarks": ""}
+# the params.yaml sequence.features keys (defaults where params.yaml has no such section: conf/config.yaml's values)
+PARAMS = {"mode": "cnn", "checkpoint": "src/ferpipe/weights/fer2013_vgg7.pt", "layer": "flatten", "batch_size": 1024,
+          "standardize": True, "size": 48}
+CLI_ONLY = ("backbone", "weights", "stats_from", "guide", "landmarks")  # command-line options, never params
+DEFAULTS = {**PARAMS, **{k: "" for k in CLI_ONLY}}
 
 
 def _from_params(key: str) -> str:
@@ -60,8 +62,12 @@ def parser():
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    prm = {**DEFAULTS, **(params_section(a.params, "sequence.features") or {})}
-    val = {k: getattr(a, k) if getattr(a, k) is not None else prm.get(k) for k in DEFAULTS}
+    section = params_section(a.params, "sequence.features") or {}
+    unknown = sorted(set(section) - set(PARAMS))
+    if unknown:
+        p.error(f"unknown sequence.features params {unknown}; known: {sorted(PARAMS)}")
+    prm = {**DEFAULTS, **section}
+    val = {k: getattr(a, k) if getattr(a, k) is not None else prm[k] for k in DEFAULTS}
     if val["mode"] == "cnn" and not (val["checkpoint"] or val["backbone"]):
         p.error("mode cnn needs --checkpoint (or --backbone with --weights)")
     result = run_features(a.images, a.manifest, a.out, mode=val["mode"], checkpoint=val["checkpoint"] or None,

@@ -74,3 +74,64 @@ def test_every_module_a_stage_runs_is_a_dep(name, stage):
     assert str(script.relative_to(REPO)) in deps, f"{name}: its script is not a dep"
     assert not missing, f"{name}: runs these files but does not list them as deps: {missing}"
     assert not stale, f"{name}: lists files it never imports: {stale}"
+
+
+# ---- params: every key a stage's code reads from params.yaml is declared in dvc.yaml, and only those --------
+# Keys that change no result are left out of dvc.yaml on purpose (threads, logging, batch sizes of inference).
+NO_RESULT = {"train.threads", "train.log_every", "train.progress", "train.eval_batch_size", "evaluate.threads", "evaluate.batch_size",
+             "sequence.features.batch_size", "sequence.threads"}
+
+
+def _leaves(node, prefix):
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}.{k}")
+    else:
+        yield prefix
+
+
+def _declared(stage: str, prefix: str) -> set[str]:
+    params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]
+    return {p for p in params if isinstance(p, str) and p.startswith(prefix + ".")}
+
+
+def _read_by_code() -> dict[str, set[str]]:
+    from dataclasses import fields
+
+    from ferpipe.evaluate.run import DEFAULTS as EVALUATE
+    from ferpipe.sequences.train import SequenceConfig
+    from ferpipe.train.run import DEFAULTS as TRAIN
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("features_stage", REPO / "stages" / "features.py")
+    features = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(features)
+    seq = set()
+    for f in fields(SequenceConfig):
+        if f.name in ("lstm", "cbm", "frame"):
+            seq |= set(_leaves(f.default_factory(), f"sequence.{f.name}"))
+        elif f.name.startswith("anticipation_"):
+            seq.add(f"sequence.anticipation.{f.name[len('anticipation_'):]}")
+        elif f.name in SequenceConfig.TRAIN_KEYS:
+            seq.add(f"sequence.train.{f.name}")
+        else:
+            seq.add(f"sequence.{f.name}")
+    return {"train": set(_leaves(TRAIN, "train")), "evaluate": set(_leaves(EVALUATE, "evaluate")),
+            "features": {f"sequence.features.{k}" for k in features.PARAMS}, "train_sequence": seq}
+
+
+@pytest.mark.parametrize("stage,prefix", [("train", "train"), ("evaluate", "evaluate"),
+                                          ("features", "sequence.features"), ("train_sequence", "sequence")])
+def test_every_param_a_stage_reads_is_declared(stage, prefix):
+    """`dvc exp run -S KEY=...` of a key the code reads but dvc.yaml does not list would restore a stale result."""
+    read = _read_by_code()[stage] - NO_RESULT
+    declared = _declared(stage, prefix)
+    if stage == "train_sequence":
+        declared = {d for d in declared if not d.startswith(("sequence.features.", "sequence.dataset."))}
+    assert sorted(read - declared) == [], f"{stage} reads params dvc.yaml does not list"
+    assert sorted(declared - read) == [], f"{stage} lists params its code does not read"
+    composed = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key in read:
+        node = composed
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{key} is read by {stage} but not in conf/config.yaml"
+            node = node[part]

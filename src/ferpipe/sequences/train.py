@@ -79,19 +79,33 @@ class SequenceConfig:
     final: bool = True                # also train the model that is saved (all folds but fold 0, which validates)
     threads: int = 0                  # torch threads (0 = torch's default)
 
+    # params.yaml: these fields sit in the sequence.train group; the other stages' sub-sections of `sequence`
+    TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "epochs", "patience", "clip", "balanced", "augment", "shift",
+                  "seed", "final")
+    OTHER_STAGES = ("dataset", "features", "landmarks_passes")
+
     @classmethod
     def from_params(cls, section: dict | None, **overrides) -> "SequenceConfig":
-        """From the params.yaml `sequence:` section (nested train:/anticipation: groups flattened)."""
-        flat = {}
+        """From the params.yaml `sequence:` section (nested train:/anticipation: groups flattened). A key
+        this stage does not know is an error (the other sequence stages' sub-sections are skipped)."""
+        names = {f.name for f in fields(cls)}
+        flat, unknown = {}, []
         for key, value in (section or {}).items():
+            if key in cls.OTHER_STAGES:
+                continue
             if key == "train" and isinstance(value, dict):
+                unknown += [f"train.{k}" for k in value if k not in cls.TRAIN_KEYS]
                 flat.update(value)
             elif key == "anticipation" and isinstance(value, dict):
+                unknown += [f"anticipation.{k}" for k in value if f"anticipation_{k}" not in names]
                 flat.update({f"anticipation_{k}": v for k, v in value.items()})
-            else:
+            elif key in names and key not in cls.TRAIN_KEYS and not key.startswith("anticipation_"):
                 flat[key] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(f"unknown sequence params {sorted(unknown)}")
         flat.update({k: v for k, v in overrides.items() if v is not None})
-        names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in flat.items() if k in names})
         for group in ("lstm", "cbm", "frame"):  # partial groups keep the other defaults
             setattr(cfg, group, {**getattr(cls(), group), **(getattr(cfg, group) or {})})
