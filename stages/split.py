@@ -1,8 +1,9 @@
 """Stage split: targets for the task, stratified k folds on the training rows, the test split kept apart.
 
 params: task (classes | polarity | valence_arousal), split.folds, split.seed, split.test (the manifest
-splits held out for the final test; never used for selection). Folds are subject-independent when
-every training row has a subject. Writes data/split/split.csv (id, index into the packed arrays,
+splits held out for the final test; never used for selection), split.dataset_folds (a dataset that
+brings its own folds, Guided-ST's CSV, keeps them; false draws new ones). Drawn folds are
+subject-independent when every training row has a subject. Writes data/split/split.csv (id, index into the packed arrays,
 split, fold, target, target_name [, valence, arousal]) and metrics/split.json (classes, counts,
 excluded rows with the reason).
 """
@@ -27,7 +28,7 @@ def main(argv=None):
     params = load_params(a.params)
     prm = params["split"]
     print(run_split(a.manifest, a.out, a.summary, task=a.task or params["task"], folds=a.folds or prm["folds"],
-                    seed=prm["seed"], test=prm["test"]))
+                    seed=prm["seed"], test=prm["test"], dataset_folds=prm.get("dataset_folds", True)))
 
 
 if __name__ == "__main__":

@@ -81,3 +81,38 @@ def test_valence_arousal_and_errors(tmp_path):
     m.to_csv(tmp_path / "m.csv", index=False)
     run_split(str(tmp_path / "m.csv"), str(tmp_path / "s.csv"), str(tmp_path / "s.json"), "valence_arousal", folds=3)
     assert pd.read_csv(tmp_path / "s.csv")["valence"].notna().all()
+
+
+def test_guided_st_folds_are_kept_on_real_fer(fer_dir, tmp_path):
+    """Guided-ST's distribution CSVs carry their folds: split keeps them (numbered 0..k-1 in their order)
+    so their 5-fold results can be reproduced; split.dataset_folds=false draws new ones. Their AffectNet
+    layout (`path;emotion;fold`, no in_set) reads as training rows."""
+    from ferpipe.data.readers import read_dataset
+
+    polarity = {"neutral": 0, "happy": 1, "sad": 2, "angry": 2}
+    rows = []
+    for split, per in (("train", 15), ("test", 3)):
+        for cls, code in polarity.items():
+            for i, f in enumerate(sorted((fer_dir / split / cls).iterdir())[:per]):
+                rows.append((code, f"{split}/{cls}/{f.name}", split, (i % 3) * 2 + 1 if split == "train" else ""))
+    fer_csv = tmp_path / "fer_dist.csv"
+    fer_csv.write_text("emotion;path;in_set;fold\n" + "".join(f"{e};{p};{s};{k}\n" for e, p, s, k in rows))
+    man, rej = read_dataset("guided_st", fer_csv, root=str(fer_dir))
+    assert rej.empty and len(man) == len(rows)
+    table, summary = make_split(man, "polarity", folds=5, seed=2020)
+    train = table[table["split"] == "train"]
+    given = man.set_index("id").loc[train["id"], "fold"].to_numpy()
+    assert summary["fold_source"] == "dataset" and summary["folds"] == 3
+    assert (train["fold"].to_numpy() == (given - 1) // 2).all()                       # 1, 3, 5 -> 0, 1, 2
+    assert (table.loc[table["split"] == "test", "fold"] == -1).all()
+    drawn, s2 = make_split(man, "polarity", folds=5, seed=2020, dataset_folds=False)
+    assert s2["fold_source"] == "drawn" and set(drawn.loc[drawn["split"] == "train", "fold"]) == set(range(5))
+    partial = man.copy()
+    partial.loc[partial.index[0], "fold"] = -1                                         # one row without a fold
+    assert make_split(partial, "polarity", folds=5, seed=2020)[1]["fold_source"] == "drawn"
+
+    aff_csv = tmp_path / "affectnet_dist.csv"                                          # their AffectNet file
+    aff_csv.write_text("path;emotion;fold\n" + "".join(f"{p};{e};{k}\n" for e, p, s, k in rows if s == "train"))
+    aff, rej = read_dataset("guided_st", aff_csv, root=str(fer_dir))
+    assert rej.empty and (aff["split"] == "train").all() and sorted(set(aff["fold"])) == [1, 3, 5]
+    assert make_split(aff, "polarity", folds=5, seed=2020, test=())[1]["fold_source"] == "dataset"

@@ -311,13 +311,15 @@ def read_listfile(path, root: str = "", split: str = "train", sort: bool = False
 
 
 def read_guided_st(path, root: str = "", outside_root: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Guided-ST distribution CSV `emotion;path;in_set;fold` (';'-separated).
+    """Guided-ST distribution CSV (';'-separated): `emotion;path;in_set;fold` (their FER-2013 file) or
+    `path;emotion;fold` (their AffectNet file: no in_set, every row is a training row).
 
     emotion is their 3-class polarity code: 0 neutral, 1 positive, 2 negative. in_set is the split
-    (mapped like folder names), fold their k-fold index (-1 when empty). id = the path as written;
-    it must resolve inside the root unless outside_root=True.
+    (mapped like folder names), fold their k-fold index (-1 when empty): the split stage uses those
+    folds (split.dataset_folds). id = the path as written; it must resolve inside the root unless
+    outside_root=True.
     """
-    df, rejects = _read_csv(path, ["emotion", "path", "in_set", "fold"], sep=";")
+    df, rejects = _read_csv(path, ["emotion", "path", "fold"], sep=";", optional=("in_set",))
     base = _base(path, root)
     rows = []
     for r in df.itertuples(index=False):
@@ -325,7 +327,7 @@ def read_guided_st(path, root: str = "", outside_root: bool = False) -> tuple[pd
         source = os.path.join(base, rel)
         try:
             label = polarity_name(r.emotion)
-            split = split_name(r.in_set)
+            split = split_name(r.in_set) if str(r.in_set).strip() else "train"
             if split is None:
                 raise LabelError(f"in_set {r.in_set!r} is not a split name (train/val/test)")
             fold = -1

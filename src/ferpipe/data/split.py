@@ -61,9 +61,13 @@ def targets(manifest: pd.DataFrame, task: str) -> tuple[pd.DataFrame, list[str],
 
 
 def make_split(manifest: pd.DataFrame, task: str = "polarity", folds: int = 5, seed: int = 2020,
-               test=("test",)) -> tuple[pd.DataFrame, dict]:
+               test=("test",), dataset_folds: bool = True) -> tuple[pd.DataFrame, dict]:
     """Return (split table, summary). The table has one row per used image: id, index (row in the
-    packed arrays), split (train/test), fold (0..k-1 for train, -1 for test), targets."""
+    packed arrays), split (train/test), fold (0..k-1 for train, -1 for test), targets.
+
+    `dataset_folds`: where the dataset brings its own folds (the manifest's `fold`, e.g. Guided-ST's
+    distribution CSV) for every used training row, those are the folds (numbered 0..k-1 in their
+    order; `folds` is then ignored) so published results can be reproduced; else folds are drawn."""
     if folds < 2:
         raise ValueError(f"split.folds must be >= 2 (got {folds})")
     tg, classes, reason = targets(manifest, task)
@@ -82,7 +86,19 @@ def make_split(manifest: pd.DataFrame, task: str = "polarity", folds: int = 5, s
         raise ValueError(f"only {len(train)} usable training rows for {folds} folds")
     subjects = manifest["subject"].fillna("").astype(str).to_numpy() if "subject" in manifest else np.full(len(manifest), "")
     grouped = bool((subjects[train] != "").all())
-    if task == "valence_arousal":
+    given = (pd.to_numeric(manifest["fold"], errors="coerce").fillna(-1).astype(int).to_numpy()
+             if "fold" in manifest else np.full(len(manifest), -1))
+    fold_source = "drawn"
+    if dataset_folds and (given[train] >= 0).all():
+        present = np.unique(given[train])
+        if len(present) < 2:
+            raise ValueError(f"the dataset's own folds put every training row in fold {present[0]}; "
+                             "set split.dataset_folds=false to draw folds")
+        fold = table["fold"].to_numpy().copy()
+        fold[train] = np.searchsorted(present, given[train])
+        table["fold"], folds, fold_source, grouped = fold, len(present), "dataset", False
+        kf = []
+    elif task == "valence_arousal":
         kf = KFold(folds, shuffle=True, random_state=seed).split(train)
     elif grouped:
         kf = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(
@@ -93,14 +109,16 @@ def make_split(manifest: pd.DataFrame, task: str = "polarity", folds: int = 5, s
         if counts[counts > 0].min() < folds:
             raise ValueError(f"a class has fewer than {folds} training rows ({dict(enumerate(counts))}); lower split.folds")
         kf = StratifiedKFold(folds, shuffle=True, random_state=seed).split(train, y)
-    fold = table["fold"].to_numpy().copy()
-    for k, (_, val) in enumerate(kf):
-        fold[train[val]] = k
-    table["fold"] = fold
+    if fold_source == "drawn":
+        fold = table["fold"].to_numpy().copy()
+        for k, (_, val) in enumerate(kf):
+            fold[train[val]] = k
+        table["fold"] = fold
     excluded = pd.Series(reason[~used]).value_counts().to_dict()
     table = table[used].reset_index(drop=True)
     summary = {
-        "task": task, "classes": classes, "folds": folds, "seed": seed, "subject_independent": grouped,
+        "task": task, "classes": classes, "folds": folds, "fold_source": fold_source, "seed": seed,
+        "subject_independent": grouped,
         "train": int((table["split"] == "train").sum()), "test": int((table["split"] == "test").sum()),
         "excluded": {k: int(v) for k, v in excluded.items()},
     }
@@ -114,10 +132,10 @@ def make_split(manifest: pd.DataFrame, task: str = "polarity", folds: int = 5, s
 
 @writes("out_path", "summary_path")
 def run_split(manifest_path: str, out_path: str, summary_path: str, task: str = "polarity", folds: int = 5,
-              seed: int = 2020, test=("test",)) -> dict:
+              seed: int = 2020, test=("test",), dataset_folds: bool = True) -> dict:
     manifest = pd.read_csv(manifest_path, keep_default_na=False, na_values=[""],
                            dtype={"id": str, "label_name": str, "subject": str, "sequence_id": str})
-    table, summary = make_split(manifest, task, folds, seed, tuple(test))
+    table, summary = make_split(manifest, task, folds, seed, tuple(test), dataset_folds)
     write_csv(out_path, table)
     write_json(summary_path, summary)
     return summary

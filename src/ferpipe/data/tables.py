@@ -85,8 +85,9 @@ def _check_file(path) -> Path:
     return path
 
 
-def _read_csv(path, required: list[str], sep: str = ",") -> tuple[pd.DataFrame, list[dict]]:
-    """Read a CSV as strings; columns matched by name ignoring case and spaces, renamed to `required`.
+def _read_csv(path, required: list[str], sep: str = ",", optional: tuple[str, ...] = ()) -> tuple[pd.DataFrame, list[dict]]:
+    """Read a CSV as strings; columns matched by name ignoring case and spaces, renamed to `required`
+    (and to `optional`, columns that may be absent: then they hold "").
 
     Returns (rows, rejects). Adds `csv_line`: the physical line of the file where each row starts
     (blank lines and newlines inside quoted fields counted). A row that is not valid UTF-8 or has
@@ -144,6 +145,11 @@ def _read_csv(path, required: list[str], sep: str = ",") -> tuple[pd.DataFrame, 
     if df.empty and not rejects:
         raise DatasetError(f"{path}: header only, no data rows")
     df = df.rename(columns=rename)
+    for name in optional:
+        if name.lower() in found:
+            df = df.rename(columns={found[name.lower()]: name})
+        else:
+            df[name] = ""
     df["csv_line"] = df["csv_line"].astype(np.int64)
     return df, rejects
 
