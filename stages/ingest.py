@@ -4,7 +4,8 @@ Formats (params: dataset.format, dataset.path, dataset.root):
   folder       Kaggle layout <path>/<split>/<class>/<image> (split: train, val, validation, test,
                PublicTest, PrivateTest; png jpg jpeg bmp tif tiff gif webp)
   fer2013_csv  the original fer2013.csv (emotion, pixels, Usage)
-  affectnet    AffectNet training.csv / validation.csv (face box cropped; --split val for validation)
+  affectnet    AffectNet training.csv / validation.csv (face box cropped; --split val for validation),
+               or the folder holding both (one manifest: splits train and val)
   listfile     LSTM-on-CNN list file: path label [label2 ...] seq_number (--sort, --ignore-missing)
   guided_st    Guided-ST CSV emotion;path;in_set;fold (3-class polarity)
   ck_sequences CK+ frames/<sequence>/<frame>.png + labels.csv (options min_length, labels, frames)

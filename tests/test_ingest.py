@@ -638,3 +638,36 @@ def test_real_fer2013_slice_ingest_exact(tmp_path):
         with Image.open(picked[id_]) as im:
             np.testing.assert_array_equal(h["images"][i], np.asarray(im))
     assert read_attrs(out["out_images"])["classes"] == ["disgust", "happy"]
+
+
+def test_affectnet_folder_reads_training_and_validation_into_one_manifest(fer_dir, tmp_path):
+    """A folder with AffectNet's training.csv and validation.csv: one ingest, splits train and val. The
+    images are real FER-2013 faces laid out as AffectNet's Manually_Annotated_Images/<dir>/<file>; the
+    CSV rows (boxes, valence/arousal) are generated, as no real AffectNet is here."""
+    import shutil
+    imgs = tmp_path / "Manually_Annotated_Images"
+    code = {"neutral": 0, "happy": 1, "sad": 2, "angry": 6}
+    lines = {"training.csv": [], "validation.csv": []}
+    for name, split in (("training.csv", "train"), ("validation.csv", "test")):
+        for cls, c in code.items():
+            for f in sorted((fer_dir / split / cls).iterdir())[:3]:
+                rel = f"{c}/{split}_{f.name}"
+                (imgs / str(c)).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, imgs / rel)
+                lines[name].append(f"{rel},2,2,44,44,,{c},{0.1 * c - 0.3:.2f},0.25")
+    lines["validation.csv"].append("0/absent.png,2,2,44,44,,9,0,0")                # code 9: uncertain
+    header = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal\n"
+    for name, rows in lines.items():
+        (tmp_path / name).write_text(header + "\n".join(rows) + "\n")
+    man, rej = read_dataset("affectnet", tmp_path, root=str(imgs))
+    assert man["split"].value_counts().to_dict() == {"train": 12, "val": 12}
+    assert set(man.loc[man["split"] == "val", "id"]) == {r.split(",")[0] for r in lines["validation.csv"][:-1]}
+    assert rej["line"].tolist() == [14] and "uncertain" in rej["reason"].iloc[0]
+    out = {k: str(tmp_path / f"out.{k}") for k in ("out", "manifest", "rejects", "metrics")}
+    run_ingest("affectnet", str(tmp_path), str(imgs), out["out"], out["manifest"], out["rejects"], out["metrics"],
+               None, size=40, workers=1, progress=False)
+    packed = pd.read_csv(out["manifest"])
+    assert len(packed) == 24 and set(packed["split"]) == {"train", "val"}
+    (tmp_path / "validation.csv").unlink()
+    with pytest.raises(DatasetError, match="holds training.csv and validation.csv; missing validation.csv"):
+        read_dataset("affectnet", tmp_path)

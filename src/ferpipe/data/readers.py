@@ -150,46 +150,62 @@ AFFECTNET_COLUMNS = ["subDirectory_filePath", "face_x", "face_y", "face_width", 
 MAX_BOX = 1e6  # pixels: a face box coordinate beyond this is a broken row (and would overflow int64)
 
 
+AFFECTNET_FILES = (("training.csv", "train"), ("validation.csv", "val"))
+
+
 def read_affectnet(path, root: str = "", split: str = "train",
                    outside_root: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """AffectNet's training.csv / validation.csv (read the validation file with split="val").
+    """AffectNet's training.csv / validation.csv (read the validation file alone with split="val"), or
+    the folder holding both: one manifest, training.csv's rows in split train and validation.csv's in
+    split val (hold val out as the test set with split.test=[val]); `split` is then unused.
 
     Expression codes 8..10 (none, uncertain, no-face) are rejected with that reason, as are
     valence/arousal outside [-1, 1], face boxes that are not finite or beyond 1e6 px, and image paths
     that resolve outside the root (unless outside_root=True). The face box goes to box_x/y/w/h;
     ingest crops it. id = the CSV's relative path. (facial_landmarks is not needed and not required.)
     """
-    split_c = split_name(split)
-    if split_c is None:
-        raise DatasetError(f"affectnet: split {split!r} is not a split name (train/val/test)")
-    df, rejects = _read_csv(path, AFFECTNET_COLUMNS)
-    base = _base(path, root)
-    rows = []
-    for r in df.itertuples(index=False):
-        rel = str(r.subDirectory_filePath).strip()
-        source = os.path.join(base, rel)
-        try:
-            label = affectnet_name(r.expression)
-            va = {}
-            for what in ("valence", "arousal"):
-                v = _number(getattr(r, what), what)
-                if not -1.0 <= v <= 1.0:
-                    raise LabelError(f"{what} {v:g} outside [-1, 1]")
-                va[what] = v
-            box = [_number(getattr(r, c), c) for c in ("face_x", "face_y", "face_width", "face_height")]
-            if max(abs(v) for v in box) > MAX_BOX:
-                raise LabelError(f"face box {tuple(box)} out of range (beyond {MAX_BOX:g} px)")
-            if box[2] <= 0 or box[3] <= 0:
-                raise LabelError(f"face box width/height not positive ({box[2]:g}x{box[3]:g})")
-            if not rel:
-                raise LabelError("empty subDirectory_filePath")
-            source = inside_root(base, rel, outside_root)
-        except (LabelError, PathError) as e:
-            rejects.append({"source": printable(source), "line": int(r.csv_line), "reason": str(e)})
-            continue
-        rows.append({"id": rel, "source": source, "split": split_c, "label_name": label, **va,
-                     "box_x": int(round(box[0])), "box_y": int(round(box[1])),
-                     "box_w": int(round(box[2])), "box_h": int(round(box[3])), "_line": int(r.csv_line)})
+    if os.path.isdir(path):
+        files = [(os.path.join(path, name), s) for name, s in AFFECTNET_FILES]
+        missing = [f for f, _ in files if not os.path.isfile(f)]
+        if missing:
+            raise DatasetError(f"{path}: an AffectNet folder holds training.csv and validation.csv; missing "
+                               f"{', '.join(os.path.basename(f) for f in missing)}")
+        root = root or str(path)
+    else:
+        files = [(path, split)]
+    rows, rejects = [], []
+    for csv_path, csv_split in files:
+        split_c = split_name(csv_split)
+        if split_c is None:
+            raise DatasetError(f"affectnet: split {csv_split!r} is not a split name (train/val/test)")
+        df, bad = _read_csv(csv_path, AFFECTNET_COLUMNS)
+        rejects += bad
+        base = _base(csv_path, root)
+        for r in df.itertuples(index=False):
+            rel = str(r.subDirectory_filePath).strip()
+            source = os.path.join(base, rel)
+            try:
+                label = affectnet_name(r.expression)
+                va = {}
+                for what in ("valence", "arousal"):
+                    v = _number(getattr(r, what), what)
+                    if not -1.0 <= v <= 1.0:
+                        raise LabelError(f"{what} {v:g} outside [-1, 1]")
+                    va[what] = v
+                box = [_number(getattr(r, c), c) for c in ("face_x", "face_y", "face_width", "face_height")]
+                if max(abs(v) for v in box) > MAX_BOX:
+                    raise LabelError(f"face box {tuple(box)} out of range (beyond {MAX_BOX:g} px)")
+                if box[2] <= 0 or box[3] <= 0:
+                    raise LabelError(f"face box width/height not positive ({box[2]:g}x{box[3]:g})")
+                if not rel:
+                    raise LabelError("empty subDirectory_filePath")
+                source = inside_root(base, rel, outside_root)
+            except (LabelError, PathError) as e:
+                rejects.append({"source": printable(source), "line": int(r.csv_line), "reason": str(e)})
+                continue
+            rows.append({"id": rel, "source": source, "split": split_c, "label_name": label, **va,
+                         "box_x": int(round(box[0])), "box_y": int(round(box[1])),
+                         "box_w": int(round(box[2])), "box_h": int(round(box[3])), "_line": int(r.csv_line)})
     return _frames(rows, rejects, ["box_x", "box_y", "box_w", "box_h"])
 
 
