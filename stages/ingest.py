@@ -8,6 +8,7 @@ Formats (params: dataset.format, dataset.path, dataset.root):
                or the folder holding both (one manifest: splits train and val)
   listfile     LSTM-on-CNN list file: path label [label2 ...] seq_number (--sort, --ignore-missing)
   guided_st    Guided-ST CSV emotion;path;in_set;fold (3-class polarity)
+  raf_db       RAF-DB / Emotion SDK list `name label` (labels 1-7, split from the name; option aligned)
   ck_sequences CK+ frames/<sequence>/<frame>.png + labels.csv (options min_length, labels, frames)
   video        one video per sequence + a labels CSV (options every, max_frames, min_length, labels)
 Relative image paths of CSV/list formats are joined to --root (default: the file's folder).

@@ -135,3 +135,20 @@ def test_every_param_a_stage_reads_is_declared(stage, prefix):
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"{key} is read by {stage} but not in conf/config.yaml"
             node = node[part]
+
+
+@pytest.mark.parametrize("stage,section,sequence", [("ingest", "dataset", False), ("ingest_sequences", "sequence.dataset", True)])
+def test_every_reader_option_is_a_declared_param(stage, section, sequence):
+    """ingest hands every key of its dataset section that the chosen reader takes to the reader: each of
+    those options is a leaf param in conf/config.yaml and dvc.yaml (else -S dataset.sort=true reruns nothing)."""
+    from ferpipe.data.readers import READERS, reader_options
+    from ferpipe.data.sequences import SEQUENCE_READERS
+    options = {o for f in READERS if (f in SEQUENCE_READERS) == sequence for o in reader_options(f)}
+    read = {f"{section}.{k}" for k in options | {"format", "path", "root"}}
+    declared = _declared(stage, section)
+    assert sorted(read - declared) == []
+    composed = yaml.safe_load((REPO / "params.yaml").read_text())
+    node = composed
+    for part in section.split("."):
+        node = node[part]
+    assert options <= set(node)

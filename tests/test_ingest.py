@@ -671,3 +671,32 @@ def test_affectnet_folder_reads_training_and_validation_into_one_manifest(fer_di
     (tmp_path / "validation.csv").unlink()
     with pytest.raises(DatasetError, match="holds training.csv and validation.csv; missing validation.csv"):
         read_dataset("affectnet", tmp_path)
+
+
+def test_raf_db_list_on_real_faces(fer_dir, tmp_path):
+    """RAF-DB's 1-based `name label` list (the Emotion SDK's format) over real FER-2013 faces saved under
+    RAF-DB's names (the list is generated: no RAF-DB here): labels mapped, split from the name, aligned
+    file names, bad lines as rejects; then ingested."""
+    import shutil
+    from ferpipe.data.readers import RAF_DB_CLASSES
+    aligned = tmp_path / "Image" / "aligned"
+    aligned.mkdir(parents=True)
+    lines, want = [], {}
+    for split in ("train", "test"):
+        for k, cls in enumerate(["surprise", "fear", "happy", "sad", "angry", "neutral"]):
+            f = sorted((fer_dir / split / cls).iterdir())[0]
+            name = f"{split}_{k:05d}.jpg"
+            shutil.copy(f, aligned / f"{split}_{k:05d}_aligned.jpg")
+            lines.append(f"{name} {RAF_DB_CLASSES.index(cls) + 1}")
+            want[name] = (split, cls)
+    lst = tmp_path / "list_patition_label.txt"
+    lst.write_text("\n".join(lines + ["train_00099.jpg 8", "extra_00001.jpg 1", "", "train_00100.jpg"]) + "\n")
+    man, rej = read_dataset("raf_db", lst, root=str(aligned), aligned=True)
+    assert {i: (s, c) for i, s, c in zip(man["id"], man["split"], man["label_name"])} == want
+    assert man["source"].str.endswith("_aligned.jpg").all()
+    assert rej["line"].tolist() == [13, 14, 16]
+    assert "not 1..7" in rej["reason"].iloc[0] and "split" in rej["reason"].iloc[1] and "fields" in rej["reason"].iloc[2]
+    out = {k: str(tmp_path / f"out.{k}") for k in ("out", "manifest", "rejects", "metrics")}
+    run_ingest("raf_db", str(lst), str(aligned), out["out"], out["manifest"], out["rejects"], out["metrics"], None,
+               size=48, workers=1, options={"aligned": True}, progress=False)
+    assert len(pd.read_csv(out["manifest"])) == 12

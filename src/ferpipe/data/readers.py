@@ -363,12 +363,57 @@ def read_guided_st(path, root: str = "", outside_root: bool = False) -> tuple[pd
     return _frames(rows, rejects, [])
 
 
+RAF_DB_CLASSES = ("surprise", "fear", "disgust", "happy", "sad", "angry", "neutral")  # its labels 1..7
+
+
+def read_raf_db(path, root: str = "", aligned: bool = False, outside_root: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """RAF-DB's basic label list (EmoLabel/list_patition_label.txt, also the Emotion SDK's `path label`
+    lists): `train_00001.jpg 5` per line, labels 1-based (1 surprise, 2 fear, 3 disgust, 4 happy, 5 sad,
+    6 angry, 7 neutral), the split from the name (train_ / test_). aligned=True reads the aligned faces
+    (Image/aligned/train_00001_aligned.jpg, give that folder as root); the id stays the name as listed.
+    Blank lines and '#' lines are skipped; a bad label, an unknown split or a line that is not UTF-8 is
+    a rejects row.
+    """
+    path = _check_file(path)
+    base = _base(path, root)
+    rows, rejects = [], []
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError:
+            rejects.append({"source": printable(path), "line": line_no, "reason": "line is not valid UTF-8"})
+            continue
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        name = fields[0]
+        rel = re.sub(r"(\.[^./]+)$", r"_aligned\1", name) if aligned else name
+        source = os.path.join(base, rel)
+        try:
+            if len(fields) != 2:
+                raise LabelError(f"expected 'name label', got {len(fields)} fields")
+            code = _number(fields[1], "label")
+            if code != int(code) or not 1 <= code <= len(RAF_DB_CLASSES):
+                raise LabelError(f"label {fields[1]!r} is not 1..{len(RAF_DB_CLASSES)}")
+            split = split_name(os.path.basename(name).split("_")[0])
+            if split is None:
+                raise LabelError(f"cannot tell the split of {name!r} (RAF-DB names start with train_ or test_)")
+            source = inside_root(base, rel, outside_root)
+        except (LabelError, PathError) as e:
+            rejects.append({"source": printable(source), "line": line_no, "reason": str(e)})
+            continue
+        rows.append({"id": name, "source": source, "split": split, "label_name": RAF_DB_CLASSES[int(code) - 1],
+                     "_line": line_no})
+    return _frames(rows, rejects, [])
+
+
 READERS = {
     "folder": read_folder,
     "fer2013_csv": read_fer2013_csv,
     "affectnet": read_affectnet,
     "listfile": read_listfile,
     "guided_st": read_guided_st,
+    "raf_db": read_raf_db,
 }
 # the sequence formats (ck_sequences, video) live in data/sequences.py, which imports this module
 
