@@ -152,3 +152,14 @@ def test_every_reader_option_is_a_declared_param(stage, section, sequence):
     for part in section.split("."):
         node = node[part]
     assert options <= set(node)
+
+
+def test_every_guide_param_is_declared():
+    """Each guide stage lists exactly its kind's params; features (which makes the maps of frames) lists all."""
+    from ferpipe.guides.maps import DEFAULT_PARAMS
+    every = set()
+    for kind, prm in DEFAULT_PARAMS.items():
+        keys = {f"guides.{kind}.{k}" for k in prm}
+        every |= keys
+        assert _declared(f"guide_{kind}", f"guides.{kind}") == keys, kind
+    assert _declared("features", "guides") == every

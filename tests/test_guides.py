@@ -360,3 +360,29 @@ def test_real_faces_guides_land_on_the_face():
         assert drawing[i, int(mouth_y), int(lm[i, 48:60, 0].mean() * S)] == 255
         y, x = np.unravel_index(np.argmax(soft[i]), soft[i].shape)
         assert inside[y, x]
+
+
+def test_seed_guide_options_on_real_faces():
+    """Guided-ST's seed as an option: patches masked by the landmark drawing, any face part removed before
+    dilation, a white map where landmarks were not found (collages then keep the image)."""
+    images, lm, _ = _dlib_faces()
+    seed = make_guide("patches", images, lm, mask="landmarks")
+    drawing = make_guide("landmarks", images, lm)
+    assert (seed == np.where(drawing > 0, images, 0)).all()
+    assert not (seed == make_guide("patches", images, lm)).all()            # the default mask differs
+    no_brows = make_guide("dilation", images, lm, remove=["jaw", "right_brow", "left_brow"])
+    dil = make_guide("dilation", images, lm)
+    brow_rows = int(np.floor(lm[:, 17:27, 1].min() * S)) - 1
+    assert (no_brows > 0).sum() < (dil > 0).sum() and (no_brows[:, :max(brow_rows, 0)] == 0).all()
+    assert (make_guide("dilation", images, lm, remove=[]) > 0).sum() > (dil > 0).sum()   # the jaw is back
+    with pytest.raises(ValueError, match="unknown face regions"):
+        make_guide("dilation", images, lm, remove=["ears"])
+    found = np.ones(len(images), bool)
+    found[::2] = False
+    for kind in ("landmarks", "soft", "dilation", "patches", "weighted"):
+        fallback = make_guide(kind, images, lm, found=found)
+        white = make_guide(kind, images, lm, found=found, missing="white")
+        assert (white[found] == fallback[found]).all(), kind
+        assert (white[~found] == (images[~found] if kind in ("patches", "weighted") else 255)).all(), kind
+    with pytest.raises(ValueError, match="missing 'black' unknown"):
+        make_guide("soft", images, lm, missing="black")

@@ -281,11 +281,11 @@ class Recognizer:
                 key = (int(lm_cfg["size"]), tuple(lm_cfg["passes"]))
                 if key not in landmarks:
                     from ferpipe.faces.landmarks import detect_landmarks
-                    landmarks[key] = detect_landmarks(crops, size=key[0], passes=key[1], workers=1,
-                                                      progress=False).points
-                lm = landmarks[key]
+                    found = detect_landmarks(crops, size=key[0], passes=key[1], workers=1, progress=False)
+                    landmarks[key] = (found.points, found.found)
+                lm, lm_found = landmarks[key]
             for kind, prm in m.preprocess["guides"].items():
-                maps[kind] = make_guide(kind, gray, lm, **prm)
+                maps[kind] = make_guide(kind, gray, lm, found=None if lm is None else lm_found, **prm)
             arrays = [maps[m.spec.image]] + ([maps[m.spec.guide]] if m.spec.guide else [])
             out.append(np.ascontiguousarray(np.stack(arrays, axis=1)))
         return out

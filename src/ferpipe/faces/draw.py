@@ -34,13 +34,17 @@ def _fixed(points_px: np.ndarray, size: int) -> np.ndarray:
 
 
 def draw_regions(points_px: np.ndarray, size: int, thickness: int = 1, jaw: bool = True,
-                 out: np.ndarray | None = None) -> np.ndarray:
+                 out: np.ndarray | None = None, skip: tuple[str, ...] = ()) -> np.ndarray:
     """Draw one face's 68 points (x, y) in PIXELS of a size x size image as the 8 regions.
 
     Returns uint8 [size, size]: 255 on the regions, 0 elsewhere, anti-aliased edges. `thickness` is
-    the jaw line's width; `jaw=False` leaves the jaw out (the dilation guide). Non-finite points
-    draw nothing (the image stays black). `out`, if given, is drawn into (it must be zeros).
+    the jaw line's width; `jaw=False` leaves the jaw out (the dilation guide), as does "jaw" in `skip`
+    (names of REGIONS left undrawn). Non-finite points draw nothing (the image stays black). `out`,
+    if given, is drawn into (it must be zeros).
     """
+    unknown = sorted(set(skip) - set(REGIONS))
+    if unknown:
+        raise ValueError(f"unknown face regions {unknown} (one of {list(REGIONS)})")
     pts = np.asarray(points_px)
     if pts.shape != (68, 2):
         raise ValueError(f"draw_regions: expected points of shape (68, 2), got {pts.shape}")
@@ -49,16 +53,19 @@ def draw_regions(points_px: np.ndarray, size: int, thickness: int = 1, jaw: bool
         return img
     fx = _fixed(pts, size)
     for name in HULL_REGIONS:
+        if name in skip:
+            continue
         a, b = REGIONS[name]
         hull = cv2.convexHull(fx[a:b])
         cv2.fillConvexPoly(img, hull, 255, cv2.LINE_AA, _SHIFT)
-    if jaw:
+    if jaw and "jaw" not in skip:
         a, b = REGIONS["jaw"]
         cv2.polylines(img, [fx[a:b]], False, 255, int(thickness), cv2.LINE_AA, _SHIFT)
     return img
 
 
-def draw_regions_batch(landmarks: np.ndarray, size: int, thickness: int = 1, jaw: bool = True) -> np.ndarray:
+def draw_regions_batch(landmarks: np.ndarray, size: int, thickness: int = 1, jaw: bool = True,
+                       skip: tuple[str, ...] = ()) -> np.ndarray:
     """Draw N faces: landmarks float [N, 68, 2] (x, y) NORMALIZED to [0, 1] -> uint8 [N, size, size]."""
     lm = np.asarray(landmarks, np.float64)
     if lm.ndim != 3 or lm.shape[1:] != (68, 2):
@@ -66,5 +73,5 @@ def draw_regions_batch(landmarks: np.ndarray, size: int, thickness: int = 1, jaw
     out = np.zeros((len(lm), size, size), np.uint8)
     px = lm * size
     for i in range(len(lm)):
-        draw_regions(px[i], size, thickness, jaw, out=out[i])
+        draw_regions(px[i], size, thickness, jaw, out=out[i], skip=tuple(skip))
     return out

@@ -7,14 +7,17 @@ to uint8 [N, S, S]:
   soft       mode threshold: the landmark drawing with pixels >= threshold -> 255, else `low`
              (Guided-ST's rule); mode gaussian: a Gaussian (sigma px) at each of the 68 points,
              max-combined, background `low`, peaks 255
-  dilation   the drawing WITHOUT the jaw, dilated with a kernel x kernel ones kernel `iterations` times
-  patches    collage: the image where the (binarized) dilation map is white, 0 elsewhere
+  dilation   the drawing without the `remove` regions (the jaw), dilated with a kernel x kernel ones
+             kernel `iterations` times
+  patches    collage: the image where the (binarized) mask is white, 0 elsewhere; mask "dilation" (the
+             dilation map with this kind's params) or "landmarks" (the landmark drawing, Guided-ST's seed)
   weighted   collage: image * soft map / 255 (soft map with this kind's own params)
   saliency   OpenCV contrib static saliency (spectral_residual | fine_grained), 0..255 per image;
              uses no landmarks
 
-Faces whose landmarks are a flagged fallback shape (found=False) still get a map from that shape;
-the `found` flag is copied into the guide artifact so consumers can filter.
+Faces whose landmarks are a flagged fallback shape (found=False) get a map from that shape
+(`missing: fallback`), or, as Guided-ST's seed did, a white map (`missing: white`: collages then keep
+the whole image); the `found` flag is copied into the guide artifact so consumers can filter.
 """
 from __future__ import annotations
 
@@ -31,14 +34,17 @@ GUIDE_KINDS = ("landmarks", "soft", "dilation", "patches", "weighted", "saliency
 
 # Defaults (same values as params.yaml `guides`); also the set of params each kind accepts.
 _SOFT = {"mode": "threshold", "threshold": 38, "low": 127, "sigma": 1.5}
+_MISSING = {"missing": "fallback"}   # faces without landmarks: fallback (the fitted shape's map) | white (the seed's)
 DEFAULT_PARAMS: dict[str, dict] = {
-    "landmarks": {"thickness": 1},
-    "soft": dict(_SOFT),
-    "dilation": {"kernel": 2, "iterations": 2},
-    "patches": {"kernel": 2, "iterations": 2},
-    "weighted": dict(_SOFT),
+    "landmarks": {"thickness": 1, **_MISSING},
+    "soft": {**_SOFT, **_MISSING},
+    "dilation": {"kernel": 2, "iterations": 2, "remove": ["jaw"], **_MISSING},
+    "patches": {"kernel": 2, "iterations": 2, "remove": ["jaw"], "mask": "dilation", **_MISSING},
+    "weighted": {**_SOFT, **_MISSING},
     "saliency": {"method": "spectral_residual"},
 }
+MISSING_MODES = ("fallback", "white")
+PATCH_MASKS = ("dilation", "landmarks")
 
 KIND_HELP = {
     "landmarks": "the 8 face regions of the 68 points, white on black (filled hulls, jaw as a line)",
@@ -128,13 +134,15 @@ def soft_map(images: np.ndarray, landmarks: np.ndarray, mode: str = "threshold",
     return np.rint(low + (255.0 - low) * heat).astype(np.uint8)
 
 
-def dilation_map(images: np.ndarray, landmarks: np.ndarray, kernel: int = 2, iterations: int = 2) -> np.ndarray:
-    """The drawing without the jaw, dilated with a kernel x kernel ones kernel `iterations` times."""
+def dilation_map(images: np.ndarray, landmarks: np.ndarray, kernel: int = 2, iterations: int = 2,
+                 remove=("jaw",)) -> np.ndarray:
+    """The drawing without the `remove` regions (faces.draw.REGIONS names; Guided-ST removed the jaw),
+    dilated with a kernel x kernel ones kernel `iterations` times."""
     images = _check_images(images)
     lm = _check_landmarks(landmarks, len(images))
     if int(kernel) < 1 or int(iterations) < 0:
         raise ValueError(f"dilation needs kernel >= 1 and iterations >= 0, got {kernel}, {iterations}")
-    drawing = draw_regions_batch(lm, images.shape[1], thickness=1, jaw=False)
+    drawing = draw_regions_batch(lm, images.shape[1], thickness=1, skip=tuple(remove or ()))
     if int(iterations) == 0 or int(kernel) == 1:
         return drawing
     k = np.ones((int(kernel), int(kernel)), np.uint8)
@@ -143,11 +151,18 @@ def dilation_map(images: np.ndarray, landmarks: np.ndarray, kernel: int = 2, ite
     return drawing
 
 
-def patches_map(images: np.ndarray, landmarks: np.ndarray, kernel: int = 2, iterations: int = 2) -> np.ndarray:
-    """Collage: mask/255 * image with the binarized dilation map (>0 -> 255) as the mask."""
+def patches_map(images: np.ndarray, landmarks: np.ndarray, kernel: int = 2, iterations: int = 2,
+                remove=("jaw",), mask: str = "dilation") -> np.ndarray:
+    """Collage: mask/255 * image with a binarized (>0 -> 255) mask: the dilation map (kernel, iterations,
+    remove), or with mask="landmarks" the landmark drawing (Guided-ST's seed code)."""
     images = _check_images(images)
-    mask = dilation_map(images, landmarks, kernel=kernel, iterations=iterations)
-    return np.where(mask > 0, images, np.uint8(0))
+    if mask == "dilation":
+        m = dilation_map(images, landmarks, kernel=kernel, iterations=iterations, remove=remove)
+    elif mask == "landmarks":
+        m = landmarks_map(images, landmarks)
+    else:
+        raise ValueError(f"patches mask '{mask}' unknown (one of {PATCH_MASKS})")
+    return np.where(m > 0, images, np.uint8(0))
 
 
 def weighted_map(images: np.ndarray, landmarks: np.ndarray, mode: str = "threshold", threshold: float = 38,
@@ -212,9 +227,20 @@ def resolve_params(kind: str, params: dict | None = None) -> dict:
 
 
 def make_guide(kind: str, images: np.ndarray, landmarks: np.ndarray | None, **params) -> np.ndarray:
-    """Guide map (or collage) of `kind` for uint8 images [N, S, S] and normalized landmarks [N, 68, 2]."""
+    """Guide map (or collage) of `kind` for uint8 images [N, S, S] and normalized landmarks [N, 68, 2].
+
+    `found` (bool [N], params key reserved): faces whose landmarks were not found; with `missing: white`
+    their map is white (255) and a collage keeps the image. None = every face found."""
+    found = params.pop("found", None)
     prm = resolve_params(kind, params)
-    return _FUNCS[kind](images, landmarks, **prm)
+    missing = prm.pop("missing", None)
+    if missing is not None and missing not in MISSING_MODES:
+        raise ValueError(f"guide '{kind}': missing '{missing}' unknown (one of {MISSING_MODES})")
+    out = _FUNCS[kind](images, landmarks, **prm)
+    if missing == "white" and found is not None and not np.all(found):
+        lost = ~np.asarray(found, bool)
+        out[lost] = images[lost] if kind in ("patches", "weighted") else 255
+    return out
 
 
 # -------------------------------------------------------------------------------------- the stage
@@ -250,7 +276,7 @@ def run_guide(kind: str, images_path: str, landmarks_path: str | None, out_path:
     elif kind != "saliency":
         raise ValueError(f"guide '{kind}' needs a landmarks file")
 
-    out = make_guide(kind, images, lm, **prm)
+    out = make_guide(kind, images, lm, found=found, **prm)
     arrays = {"images": out, "ids": ids}
     if found is not None:
         arrays["found"] = found

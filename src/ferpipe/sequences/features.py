@@ -129,16 +129,16 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
-def load_landmarks(landmarks_h5, ids: np.ndarray) -> np.ndarray:
-    """Normalized landmarks [N, 68, 2] of the landmarks stage, checked row by row against ids."""
-    d = read_h5(landmarks_h5, ["landmarks", "ids"])
+def load_landmarks(landmarks_h5, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(normalized landmarks [N, 68, 2], found [N]) of the landmarks stage, checked row by row against ids."""
+    d = read_h5(landmarks_h5, ["landmarks", "found", "ids"])
     if not np.array_equal(d["ids"].astype(str), ids):
         raise FeatureError(f"{landmarks_h5}: ids differ from the frames (make both from the same ingest)")
-    return d["landmarks"]
+    return d["landmarks"], np.asarray(d["found"], bool)
 
 
 def model_inputs(model_name: str, images: np.ndarray, guide: np.ndarray | None, landmarks: np.ndarray | None,
-                 guide_params: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                 guide_params: dict | None = None, found: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(image, guide) the registry model `model_name` was trained on, for these gray48 frames.
 
     Models trained on a collage (patches, weighted) see that collage; guided STNs see their guide
@@ -156,7 +156,7 @@ def model_inputs(model_name: str, images: np.ndarray, guide: np.ndarray | None, 
         if landmarks is None and kind != "saliency":
             raise FeatureError(f"model {model_name!r} needs the {kind} map of every frame: pass the frames' "
                                "landmarks (landmarks stage output) or a guide file")
-        return make_guide(kind, images, landmarks, **(prm.get(kind) or {}))
+        return make_guide(kind, images, landmarks, found=found, **(prm.get(kind) or {}))
 
     net_images = images if spec["image"] == "gray48" else build(spec["image"])
     if spec["guide"] and guide is None:
@@ -321,7 +321,8 @@ def run_features(images_h5, manifest_csv, out_h5, mode: str = "cnn", checkpoint=
         raise FeatureError(f"features mode must be one of {MODES}, got {mode!r}")
     t0 = time.perf_counter()
     images, manifest, guide = load_frames(images_h5, manifest_csv, guide_h5)
-    landmarks = load_landmarks(landmarks_h5, manifest["id"].astype(str).to_numpy()) if landmarks_h5 else None
+    landmarks, found = (load_landmarks(landmarks_h5, manifest["id"].astype(str).to_numpy()) if landmarks_h5
+                        else (None, None))
     order, seq_number = sequence_order(manifest)
     manifest = manifest.iloc[order].reset_index(drop=True)
     images = images[order]
@@ -338,7 +339,7 @@ def run_features(images_h5, manifest_csv, out_h5, mode: str = "cnn", checkpoint=
         if checkpoint:
             checkpoint = resolve_checkpoint(checkpoint)
         model, info = load_cnn(checkpoint, backbone, weights)
-        net_images, guide = model_inputs(info.get("model"), images, guide, landmarks, guide_params)
+        net_images, guide = model_inputs(info.get("model"), images, guide, landmarks, guide_params, found)
         outputs = run_cnn(model, net_images, layer, batch_size, guide, info.get("meta"))
     cnn_seconds = time.perf_counter() - t1
 
