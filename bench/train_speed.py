@@ -15,7 +15,10 @@ The data are built in-process (about 10 s): ferpipe.data.readers.read_folder + i
 at 48 px, 7-class targets, the saliency guide from ferpipe.guides.maps (it needs no landmarks).
 
     .venv/bin/python bench/train_speed.py [--data ../shared/data/fer2013] [--batches 30] \
-        [--models baseline original saliency resnet18] [--threads 0] [--no-epoch]
+        [--models baseline original saliency resnet18] [--threads 0] [--no-epoch] [--nchw]
+
+NHWC (channels_last, the trainer's default) against NCHW, side by side:
+    farm-bench --vs '.venv/bin/python bench/train_speed.py --nchw' -- .venv/bin/python bench/train_speed.py
 
 Keep the machine otherwise idle: on 2 shared cores, another busy process slows every figure (the
 load average is printed with the table). OMP_WAIT_POLICY defaults to PASSIVE as in the stage
@@ -51,6 +54,7 @@ from ferpipe.tv import torchvision
 REPO = Path(__file__).resolve().parents[1]
 T = torchvision.transforms
 AUGMENT = {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1}
+MEMORY = [torch.channels_last]  # --nchw: the NCHW layout (train.channels_last=false), to compare side by side
 
 
 def build_data(fer: Path, out: Path) -> tuple[str, list[str]]:
@@ -103,9 +107,10 @@ def bench_pure(name: str, n_batches: int, batch: int, classes: int) -> float:
     seed_everything(0)
     model = build_model(name, classes)
     model.train()
+    model.to(memory_format=MEMORY[0])
     step = step_fn(model, torch.optim.Adam(model.parameters(), 1e-3), torch.ones(classes))
-    x = torch.randn(batch, 1, 48, 48)
-    g = torch.randn(batch, 1, 48, 48) if MODEL_SPECS[name]["guide"] else None
+    x = torch.randn(batch, 1, 48, 48).contiguous(memory_format=MEMORY[0])
+    g = torch.randn(batch, 1, 48, 48).contiguous(memory_format=MEMORY[0]) if MODEL_SPECS[name]["guide"] else None
     y = torch.randint(0, classes, (batch,))
     step(x, g, y)  # warm-up
     t0 = time.perf_counter()
@@ -120,7 +125,8 @@ def bench_loop(name: str, data, rows: torch.Tensor, n_batches: int, batch: int, 
     data.spec.mean, data.spec.std = channel_stats(data.pixels, rows[:5000])
     weights = class_weights(data.class_counts(rows))
     aug = BatchAugment.from_params(AUGMENT if augment else {}, seed=0)
-    cfg = FitConfig(max_epochs=1, batch_size=batch, log_every=0, progress=False)
+    cfg = FitConfig(max_epochs=1, batch_size=batch, log_every=0, progress=False,
+                    channels_last=MEMORY[0] == torch.channels_last)
     fit(model, data, rows[:2 * batch], None, cfg, rt, weights, aug)  # warm-up
     sub = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:n_batches * batch]]
     res = fit(model, data, sub, None, cfg, rt, weights, aug)
@@ -155,7 +161,9 @@ def main():
     p.add_argument("--models", nargs="+", default=["baseline", "original", "saliency", "resnet18"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
     p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch measurement")
+    p.add_argument("--nchw", action="store_true", help="NCHW memory (train.channels_last=false) instead of NHWC")
     a = p.parse_args()
+    MEMORY[0] = torch.contiguous_format if a.nchw else torch.channels_last
     threads = a.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     rt = Runtime(torch.device("cpu"), threads=threads)
@@ -193,7 +201,8 @@ def main():
             seed_everything(0)
             data.spec.mean, data.spec.std = channel_stats(data.pixels, rows)
             model = build_model("baseline", len(data.classes))
-            cfg = FitConfig(max_epochs=1, batch_size=a.batch, log_every=0, progress=False)
+            cfg = FitConfig(max_epochs=1, batch_size=a.batch, log_every=0, progress=False,
+                            channels_last=not a.nchw)
             t0 = time.perf_counter()
             res = fit(model, data, rows, val, cfg, rt, class_weights(data.class_counts(rows)),
                       BatchAugment.from_params(AUGMENT, seed=0))

@@ -300,6 +300,35 @@ def test_balanced_selection_waits_for_a_model_better_than_a_constant_answer(art)
     assert epochs == {"balanced_accuracy": 6, "accuracy": 3}
 
 
+@pytest.mark.parametrize("name", ["baseline", "original", "vgg"])
+def test_channels_last_training_matches_nchw(art, name):
+    """train.channels_last (the default) is a memory layout, not another model: on a real batch the loss and
+    every gradient equal NCHW's up to float rounding (Adam's first steps then amplify that rounding, so whole
+    runs differ in the last digits of their metrics, not in what they learn), and fit keeps the conv
+    weights NHWC."""
+    data = load_data(art["split"], name, gray48=art["gray48"], guides_dir=art["guides"])
+    tr = data.train_rows(exclude_fold=0)
+    image, guide, y = data.batch(tr[:32])
+    grads = {}
+    for cl in (True, False):
+        torch.manual_seed(0)
+        model = build_model(name, 3).eval()                        # eval: no dropout draws
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        model.to(memory_format=fmt)
+        loss = torch.nn.functional.cross_entropy(model(image.contiguous(memory_format=fmt), guide), y)
+        loss.backward()
+        # not the STN's localization net: at its identity start the grid hits exact pixel centres, where the
+        # bilinear sampler's gradient jumps, so rounding in the last bit picks another side
+        grads[cl] = [loss.detach()] + [p.grad.detach().contiguous() for n, p in model.named_parameters()
+                                       if p.grad is not None and not n.startswith("localization.")]
+    for a, b in zip(grads[True], grads[False]):              # each within 0.1% of that tensor's scale
+        assert (a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-7, (a - b).abs().max()
+    model = build_model(name, 3)
+    fit(model, data, tr, None, FitConfig(max_epochs=1, batch_size=16, log_every=0, progress=False), CPU1)
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
 def test_fit_learns_and_keeps_the_best_validation_epoch(art):
     seed_everything(0)
     data = load_data(art["split"], "baseline", gray48=art["gray48"], guides_dir=art["guides"])

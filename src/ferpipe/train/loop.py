@@ -136,6 +136,7 @@ class FitConfig:
     localization_warmup: float = 1.0  # epochs over which the localization net's rate ramps up from 0 (0 = none)
     select: str = "balanced_accuracy"  # the validation figure that picks the best epoch: balanced_accuracy | accuracy
     label_smoothing: float = 0.0      # CrossEntropy label smoothing of the training loss (validation loss: none)
+    channels_last: bool = True        # conv weights and batches in NHWC: the CPU kernels are faster (bench/train_speed.py)
     seed: int = 2020
     progress: bool | None = None      # None: a bar when stderr is a terminal
     log_every: int = 10               # print an epoch summary line every N epochs, and the first and last (0 = never)
@@ -271,6 +272,8 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
         raise ValueError(f"{desc}: no training rows")
     has_val = val_rows is not None and len(val_rows) > 0
     net = _unwrap(model)
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net.to(memory_format=memory)  # 4-d (conv) weights only; DDP's buckets follow the parameters
     weight = None if weights is None else weights.to(rt.device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=float(cfg.label_smoothing))
     val_criterion = nn.CrossEntropyLoss(weight=weight)
@@ -314,6 +317,8 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
             step += 1
             local = idx[rt.rank::rt.world]
             image, guide, y = data.batch(local, augment)
+            image = image.contiguous(memory_format=memory)
+            guide = None if guide is None else guide.contiguous(memory_format=memory)
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
                 logits = model(image, guide)
                 loss = criterion(logits.float(), y)
