@@ -127,7 +127,8 @@ def make_project(tmp: Path, **params) -> Project:
     proj.run("git", "init", "-q")
     proj.set_conf(**{"demo.train_per_class": 16, "demo.test_per_class": 6, "demo.sequences.per_class": 4,
                        "demo.sequences.frames": 4, "sequence.train.epochs": 5, "sequence.lstm.hidden": 16,
-                       "sequence.cbm.hidden": 8, "sequence.cbm.depth": 5, **params})
+                       "sequence.cbm.hidden": 8, "sequence.cbm.depth": 5,
+                       "train.max_epochs": 60, **params})  # DVC behaviour, not accuracy: a bounded training
     proj.commit("init")
     return proj
 
