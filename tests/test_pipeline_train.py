@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import make_project, ran_stages
+from conftest import REPO, make_project, ran_stages
 
 
 
@@ -210,6 +210,9 @@ def test_exp_run_changes_one_params_line_and_does_not_carry_into_the_next_run(pr
         _restore(proj)
 
 
+EXP_SHOW = ["--drop", ".*", "--keep", "^(Experiment|test_acc|test_macro_f1|val_acc_mean|params.yaml:(recipe|model))$"]
+
+
 def test_exp_show_after_two_experiments_fits_120_columns_with_the_summary_first(proj):
     proj.dvc("exp", "remove", "-A")
     try:
@@ -218,8 +221,14 @@ def test_exp_show_after_two_experiments_fits_120_columns_with_the_summary_first(
             out = proj.dvc("exp", "run", "-S", f"model={model}")
             names.append(re.search(r"Ran experiment\(s\): (\S+)", out).group(1))
             _restore(proj)
-        res = proj.run(sys.executable, "-m", "dvc", "exp", "show", "--only-changed", "--no-pager")
+        # the README's one-screen command; COLUMNS wide, or rich would cut any table to the default 80
+        proj.env["COLUMNS"] = "2000"
+        try:
+            res = proj.run(sys.executable, "-m", "dvc", "exp", "show", *EXP_SHOW, "--no-pager")
+        finally:
+            del proj.env["COLUMNS"]
         table = res.stdout
+        assert f"dvc exp show --drop '.*' --keep '{EXP_SHOW[3]}'" in (REPO / "README.md").read_text()
         widths = [len(ln) for ln in table.splitlines()]
         assert max(widths) <= 120, "\n" + table
         assert all(n in table for n in names) and "test_acc" in table and "landmarks" in table, table
