@@ -21,14 +21,10 @@ import os
 # threads made small-model training ~20x slower here (bench/train_speed.py). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json
-from pathlib import Path
 
 import yaml
 
-from ferpipe.evaluate.metrics import headline
 from ferpipe.evaluate.run import DEFAULTS, run_evaluate
-from ferpipe.store import write_text
 from ferpipe.params import add_override_option, load_params, overridden
 from ferpipe.stagecli import run_stage, stage_parser
 
@@ -45,7 +41,7 @@ def parser():
     p.add_argument("--results", default="metrics/results.json",
                    help="the one-screen summary, the pipeline's DVC metrics file (JSON, '' for none)")
     p.add_argument("--train-metrics", default="metrics/train.json",
-                   help="the train stage's metrics, for the summary's validation figures ('' for none)")
+                   help="the train stage's metrics, for the summary's validation figures (none when absent)")
     p.add_argument("--predictions", default="plots/eval/predictions.csv", help="predictions CSV ('' for none)")
     p.add_argument("--confusion", default="plots/eval/confusion.png", help="confusion PNG ('' for none)")
     p.add_argument("--errors", default="plots/eval/errors.png", help="worst-errors sheet PNG ('' for none)")
@@ -59,10 +55,7 @@ def main(argv=None):
     params = load_params(a.params)
     params["evaluate"] = overridden(p, params.get("evaluate"), a.set)
     m = run_evaluate(params, a.models, a.split, a.gray48, a.guides, a.metrics or None, a.predictions or None,
-                     a.confusion or None, a.errors or None)
-    if a.results:
-        train = json.loads(Path(a.train_metrics).read_text()) if a.train_metrics else None
-        write_text(a.results, json.dumps(headline(m, train, params.get("recipe")), indent=2) + "\n")  # in reading order
+                     a.confusion or None, a.errors or None, a.results or None, a.train_metrics or None)
     keys = ("model", "members", "tta", "n", "accuracy", "macro_f1", "balanced_accuracy", "top2", "top3")
     print(yaml.safe_dump({k: m[k] for k in keys if k in m}, sort_keys=False).rstrip())
 

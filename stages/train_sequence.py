@@ -16,13 +16,11 @@ shift,seed,threads,final}, anticipation{first,weight}); every value can be given
 --test-only applies a saved model (--model-in) to --features and writes its outputs to --outputs (HDF5).
 """
 import argparse
-import json
 
 from ferpipe.params import params_section
 from ferpipe.sequences.models import ENCODERS, KINDS
 from ferpipe.sequences.train import TASKS, SequenceConfig, run_test_only, run_train_sequence
 from ferpipe.stagecli import run_stage, stage_parser
-from ferpipe.store import write_text
 
 
 def _bool(s: str) -> bool:
@@ -77,16 +75,6 @@ def parser():
     return p
 
 
-def sequence_headline(m: dict) -> dict:
-    """metrics/sequence_results.json: the mean and std over the test folds of the main figure."""
-    key = "accuracy" if m["task"] == "classify" else "mse"
-    out = {f"seq_{key}_mean": m["mean"][key], f"seq_{key}_std": m["std"][key]}
-    if "macro_f1" in m["mean"]:
-        out["seq_macro_f1"] = m["mean"]["macro_f1"]
-    out.update(seq_model=m["model"], sequences=m["sequences"])
-    return out
-
-
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
@@ -109,9 +97,7 @@ def main(argv=None):
             group[key] = getattr(a, key)
     cfg.validate()
     result = run_train_sequence(a.features, a.model_out, a.metrics, a.plots or None, a.predictions or None,
-                                a.live or None, cfg)
-    if a.results:
-        write_text(a.results, json.dumps(sequence_headline(result), indent=2) + "\n")  # in reading order
+                                a.live or None, cfg, results_path=a.results or None)
     keep = ("model", "sequences", "mean", "std", "by_first_k", "seconds")
     print({k: result[k] for k in keep if k in result})
 

@@ -364,9 +364,10 @@ def test_evaluate_ignores_stray_checkpoint_names(pipe, tmp_path, capsys):
 
 def _cases(p: Path, t: Path) -> dict:
     """stage -> (outputs, args, old extra args, new extra args)."""
-    ev = [t / "metrics/eval.json", t / "plots/predictions.csv", t / "plots/confusion.png", t / "plots/errors.png"]
+    ev = [t / "metrics/eval.json", t / "plots/predictions.csv", t / "plots/confusion.png", t / "plots/errors.png",
+          t / "metrics/results.json"]
     ts = [t / "seq/model.pt", t / "metrics/sequence.json", t / "plots/seq/confusion.png", t / "seq/predictions.csv",
-          t / "dvclive/sequence"]
+          t / "dvclive/sequence", t / "metrics/sequence_results.json"]
     return {
         "gray48": ([t / "gray48/images.h5", t / "plots/gray48.png"],
                    ["--images", p / "ingest/images.h5", "--out", t / "gray48/images.h5", "--sheet", t / "plots/gray48.png"],
@@ -383,13 +384,14 @@ def _cases(p: Path, t: Path) -> dict:
                    t / "metrics/split.json"], ["--folds", "3"], ["--folds", "2"]),
         "evaluate": (ev, ["--models", p / "models", "--split", p / "split/split.csv", "--gray48", p / "gray48/images.h5",
                           "--guides", p / "guides", "--metrics", ev[0], "--predictions", ev[1], "--confusion", ev[2],
-                          "--errors", ev[3], "-S", "device=cpu", "-S", "threads=1"], ["-S", "tta=1"], ["-S", "tta=0"]),
+                          "--errors", ev[3], "--results", ev[4], "--train-metrics", p / "metrics/train.json",
+                          "-S", "device=cpu", "-S", "threads=1"], ["-S", "tta=1"], ["-S", "tta=0"]),
         "features": ([t / "seq/features.h5", t / "metrics/features.json"],
                      ["--params", p / "none.yaml", "--mode", "images", "--images", p / "seq/gray48/images.h5",
                       "--manifest", p / "seq/ingest/manifest.csv", "--out", t / "seq/features.h5", "--metrics",
                       t / "metrics/features.json"], ["--size", "24"], ["--size", "32"]),
         "train_sequence": (ts, ["--params", p / "none.yaml", "--features", p / "seq/features.h5", "--model-out", ts[0],
-                                "--metrics", ts[1], "--plots", ts[2].parent, "--predictions", ts[3], "--live", ts[4],
+                                "--metrics", ts[1], "--plots", ts[2].parent, "--predictions", ts[3], "--live", ts[4], "--results", ts[5],
                                 "--model", "lstm", "--hidden", "8", "--folds", "3", "--threads", "1", "--patience", "3"],
                            ["--epochs", "2"], ["--epochs", "3"]),
         "demo": ([t / "demo", t / "metrics/demo.json"],

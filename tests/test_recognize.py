@@ -192,7 +192,7 @@ def fer_run(fer_dir, tmp_path_factory):
                                          "--split", f"{d}/split/split.csv", "--gray48", f"{d}/gray48/images.h5",
                                          "--guides", f"{d}/guides", "--metrics", "",
                                          "--predictions", str(out / f"pred{tta}.csv"), "--confusion", "",
-                                         "--errors", "", "-S", f"tta={tta}", "-S", "threads=1"])
+                                         "--errors", "", "--results", "", "-S", f"tta={tta}", "-S", "threads=1"])
         runs[model] = out
     split = pd.read_csv(f"{d}/split/split.csv", keep_default_na=False)
     manifest = pd.read_csv(f"{d}/ingest/manifest.csv", keep_default_na=False)

@@ -13,6 +13,7 @@ no part in training or model selection. The model evaluated (``evaluate.members`
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ferpipe.evaluate.metrics import classification_metrics, confusion, predictions_table
+from ferpipe.evaluate.metrics import classification_metrics, confusion, headline, predictions_table
 from ferpipe.evaluate.plots import confusion_png, errors_png
-from ferpipe.store import settle, write_csv, write_json, writes
+from ferpipe.store import settle, write_csv, write_json, write_text, writes
 from ferpipe.train.augment import BatchAugment
 from ferpipe.train.checkpoint import load_checkpoint
 from ferpipe.train.data import InputSpec, TensorData, load_data, normalize, split_channels
@@ -99,11 +100,14 @@ def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: 
     return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size)
 
 
-@writes("metrics_path", "predictions_path", "confusion_path", "errors_path")
+@writes("metrics_path", "predictions_path", "confusion_path", "errors_path", "results_path")
 def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "data/split/split.csv",
                  gray48: str = "data/gray48/images.h5", guides_dir: str = "data/guides",
                  metrics_path: str | None = "metrics/eval.json", predictions_path: str | None = "plots/eval/predictions.csv",
-                 confusion_path: str | None = "plots/eval/confusion.png", errors_path: str | None = "plots/eval/errors.png") -> dict:
+                 confusion_path: str | None = "plots/eval/confusion.png", errors_path: str | None = "plots/eval/errors.png",
+                 results_path: str | None = None, train_metrics: str | None = None) -> dict:
+    """The evaluate stage on the test split; `results_path`: the one-screen summary (metrics.headline, with the
+    validation figures of `train_metrics` when that file exists), written with the other outputs as one set."""
     prm = resolve_params(params.get("evaluate"))
     device = torch.device("cuda" if prm["device"] == "auto" and torch.cuda.is_available() else
                           ("cpu" if prm["device"] == "auto" else prm["device"]))
@@ -150,4 +154,7 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
         errors_png(errors_path, images, y, probs, classes, int(prm["errors"]), title=f"{name}: most confident errors")
     if metrics_path:
         write_json(metrics_path, metrics)
+    if results_path:
+        train = json.loads(Path(train_metrics).read_text()) if train_metrics and Path(train_metrics).is_file() else None
+        write_text(results_path, json.dumps(headline(metrics, train, params.get("recipe")), indent=2) + "\n")
     return metrics

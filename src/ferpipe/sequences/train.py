@@ -21,6 +21,7 @@ clipping (5), seeded per fold: runs are identical on CPU for the same seed and t
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -37,7 +38,7 @@ from ferpipe.live import live_curves
 from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, parse_first, prefix_length, true_class_curve
 from ferpipe.sequences.features import read_features
 from ferpipe.sequences.models import KINDS, build_sequence_model, init_encoder, load_sequence_model, save_sequence_model
-from ferpipe.store import atomic_path, write_csv, write_h5, write_json, writes
+from ferpipe.store import atomic_path, write_csv, write_h5, write_json, write_text, writes
 
 TASKS = ("classify", "regress")
 
@@ -611,11 +612,22 @@ def _round(obj):
     return obj
 
 
-@writes("model_out", "metrics_path", "predictions_csv",
+def sequence_headline(m: dict) -> dict:
+    """metrics/sequence_results.json: the mean and std over the test folds of the main figure."""
+    key = "accuracy" if m["task"] == "classify" else "mse"
+    out = {f"seq_{key}_mean": m["mean"][key], f"seq_{key}_std": m["std"][key]}
+    if "macro_f1" in m["mean"]:
+        out["seq_macro_f1"] = m["mean"]["macro_f1"]
+    out.update(seq_model=m["model"], sequences=m["sequences"])
+    return out
+
+
+@writes("model_out", "metrics_path", "predictions_csv", "results_path",
         lambda a: a["plots_dir"] and Path(a["plots_dir"]) / "confusion.png", dirs=["live_dir"])
 def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, predictions_csv=None,
-                       live_dir=None, cfg: SequenceConfig | None = None, progress=_say) -> dict:
-    """Cross-validate, then train and save the final model; write metrics, confusion PNG, predictions."""
+                       live_dir=None, cfg: SequenceConfig | None = None, progress=_say, results_path=None) -> dict:
+    """Cross-validate, then train and save the final model; write metrics, confusion PNG, predictions and
+    the one-screen summary (`results_path`, sequence_headline), as one output set."""
     cfg = cfg or SequenceConfig()
     cfg.validate()
     if cfg.threads:
@@ -660,6 +672,8 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
                                   "input_std": None if final_data.norm_std is None else final_data.norm_std.tolist()})
     metrics = _round(metrics)
     write_json(metrics_path, metrics)
+    if results_path:
+        write_text(results_path, json.dumps(sequence_headline(metrics), indent=2) + "\n")  # in reading order
     if plots_dir and data.task == "classify":
         title = (f"{cfg.model}, {cfg.folds}-fold out-of-fold, acc {cv['mean']['accuracy']:.3f} "
                  f"+- {cv['std']['accuracy']:.3f}")
