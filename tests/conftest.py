@@ -85,12 +85,37 @@ class Project:
         """Edit conf/config.yaml (what every `dvc exp run` composes params.yaml from) and write
         params.yaml from it, as the project's `python -m ferpipe.params` does."""
         from ferpipe.params import compose_params
-        _edit_yaml(self.root / "conf" / "config.yaml", changes)
-        (self.root / "params.yaml").write_text(compose_params(self.root / "conf"))
+        conf = self.root / "conf"
+        _edit_yaml(conf / "config.yaml", changes)
+        # the default recipe is applied over config.yaml: a key it sets (train.max_epochs...) is edited there too
+        defaults = yaml.safe_load((conf / "config.yaml").read_text())["defaults"]
+        recipe = conf / "recipe" / f"{next(d['recipe'] for d in defaults if isinstance(d, dict))}.yaml"
+        text = recipe.read_text()
+        data = yaml.safe_load(text)
+        mine = {k: v for k, v in changes.items() if _has(data, k)}
+        if mine:
+            header = "".join(ln + "\n" for ln in text.splitlines() if ln.startswith("# @package"))
+            for key, value in mine.items():
+                *parents, last = key.split(".")
+                node = data
+                for part in parents:
+                    node = node[part]
+                node[last] = value
+            recipe.write_text(header + yaml.safe_dump(data, sort_keys=False))
+        (self.root / "params.yaml").write_text(compose_params(conf))
 
     def commit(self, msg: str = "update") -> None:
         self.run("git", "add", "-A")
         self.run("git", "commit", "-qm", msg, "--allow-empty")
+
+
+def _has(data: dict, key: str) -> bool:
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _edit_yaml(path: Path, changes: dict) -> None:
