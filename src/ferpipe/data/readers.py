@@ -245,6 +245,20 @@ def _listfile_sequences(entries: list[tuple], sort: bool, per_frame_labels: bool
     return bad
 
 
+def _text_lines(path: Path, rejects: list[dict]):
+    """(line number, whitespace-split fields) of a text list file; blank and '#' lines skipped, a line
+    that is not UTF-8 a rejects row (the list readers: listfile, raf_db)."""
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError:
+            rejects.append({"source": printable(path), "line": line_no, "reason": "line is not valid UTF-8"})
+            continue
+        fields = line.split()
+        if fields and not fields[0].startswith("#"):
+            yield line_no, fields
+
+
 def read_listfile(path, root: str = "", split: str = "train", sort: bool = False, ignore_missing: bool = False,
                   per_frame_labels: bool = False, outside_root: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """LSTM-on-CNN list file: `path label [label2 ...] seq_number` per line, whitespace separated.
@@ -268,15 +282,7 @@ def read_listfile(path, root: str = "", split: str = "train", sort: bool = False
         raise DatasetError(f"listfile: split {split!r} is not a split name (train/val/test)")
     base = _base(path, root)
     entries, rejects, missing = [], [], []
-    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-        except UnicodeDecodeError:
-            rejects.append({"source": printable(path), "line": line_no, "reason": "line is not valid UTF-8"})
-            continue
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
+    for line_no, fields in _text_lines(path, rejects):
         source = os.path.join(base, fields[0])
         if len(fields) < 3:
             rejects.append({"source": printable(source), "line": line_no,
@@ -377,15 +383,7 @@ def read_raf_db(path, root: str = "", aligned: bool = False, outside_root: bool 
     path = _check_file(path)
     base = _base(path, root)
     rows, rejects = [], []
-    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-        except UnicodeDecodeError:
-            rejects.append({"source": printable(path), "line": line_no, "reason": "line is not valid UTF-8"})
-            continue
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
+    for line_no, fields in _text_lines(path, rejects):
         name = fields[0]
         rel = re.sub(r"(\.[^./]+)$", r"_aligned\1", name) if aligned else name
         source = os.path.join(base, rel)
