@@ -34,7 +34,9 @@ sys.path.insert(0, str(REPO / "src"))
 from ferpipe.data.labels import FER2013_CLASSES  # noqa: E402
 from ferpipe.models import build_model  # noqa: E402
 from ferpipe.sequences.features import load_cnn, run_cnn, run_features  # noqa: E402
-from ferpipe.sequences.train import SequenceConfig, cross_validate, load_sequences  # noqa: E402
+from ferpipe.sequences.config import SequenceConfig  # noqa: E402
+from ferpipe.sequences.data import load_sequences  # noqa: E402
+from ferpipe.sequences.train import cross_validate  # noqa: E402
 from ferpipe.train.checkpoint import save_checkpoint  # noqa: E402
 
 
@@ -184,7 +186,15 @@ def compare(out: Path, ckpt: Path, names, epochs: int, patience: int, folds: int
         over = {**over}
         if over.get("encoder_init") == "FER":
             over["encoder_init"] = str(ckpt)
-        cfg = SequenceConfig.from_params({}, folds=folds, epochs=epochs, patience=patience, **over)
+        section = {"folds": folds, "train": {"epochs": epochs, "patience": patience}}
+        for key, value in over.items():  # the flat names of COMPARE into the params layout
+            if key in SequenceConfig.TRAIN_KEYS:
+                section["train"][key] = value
+            elif key.startswith("anticipation_"):
+                section.setdefault("anticipation", {})[key[len("anticipation_"):]] = value
+            else:
+                section[key] = value
+        cfg = SequenceConfig.from_params(section)
         if feat == "cnn":
             if cnn is None:
                 print(f"{name}: skipped (needs --cnn)")

@@ -17,8 +17,10 @@ at 48 px, 7-class targets, the saliency guide from ferpipe.guides.maps (it needs
     .venv/bin/python bench/train_speed.py [--data ../shared/data/fer2013] [--batches 30] \
         [--models baseline original saliency resnet18] [--threads 0] [--no-epoch] [--nchw]
 
-NHWC (channels_last, the trainer's default) against NCHW, side by side:
+NHWC (channels_last, the trainer's default) against NCHW, and torch.compile against eager, side by side:
     farm-bench --vs '.venv/bin/python bench/train_speed.py --nchw' -- .venv/bin/python bench/train_speed.py
+    farm-bench --vs '.venv/bin/python bench/train_speed.py' -- .venv/bin/python bench/train_speed.py --compile
+(With --compile the loop figures include no compile time: each model's warm-up fit compiles it.)
 
 Keep the machine otherwise idle: on 2 shared cores, another busy process slows every figure (the
 load average is printed with the table). OMP_WAIT_POLICY defaults to PASSIVE as in the stage
@@ -55,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 T = torchvision.transforms
 AUGMENT = {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1}
 MEMORY = [torch.channels_last]  # --nchw: the NCHW layout (train.channels_last=false), to compare side by side
+COMPILE = [False]               # --compile: torch.compile the loop's model (train.compile=true)
 
 
 def build_data(fer: Path, out: Path) -> tuple[str, list[str]]:
@@ -126,7 +129,7 @@ def bench_loop(name: str, data, rows: torch.Tensor, n_batches: int, batch: int, 
     weights = class_weights(data.class_counts(rows))
     aug = BatchAugment.from_params(AUGMENT if augment else {}, seed=0)
     cfg = FitConfig(max_epochs=1, batch_size=batch, log_every=0, progress=False,
-                    channels_last=MEMORY[0] == torch.channels_last)
+                    channels_last=MEMORY[0] == torch.channels_last, compile=COMPILE[0])
     fit(model, data, rows[:2 * batch], None, cfg, rt, weights, aug)  # warm-up
     sub = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:n_batches * batch]]
     res = fit(model, data, sub, None, cfg, rt, weights, aug)
@@ -162,8 +165,10 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
     p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch measurement")
     p.add_argument("--nchw", action="store_true", help="NCHW memory (train.channels_last=false) instead of NHWC")
+    p.add_argument("--compile", action="store_true", help="torch.compile the loop's model (train.compile=true)")
     a = p.parse_args()
     MEMORY[0] = torch.contiguous_format if a.nchw else torch.channels_last
+    COMPILE[0] = a.compile
     threads = a.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     rt = Runtime(torch.device("cpu"), threads=threads)
@@ -202,7 +207,7 @@ def main():
             data.spec.mean, data.spec.std = channel_stats(data.pixels, rows)
             model = build_model("baseline", len(data.classes))
             cfg = FitConfig(max_epochs=1, batch_size=a.batch, log_every=0, progress=False,
-                            channels_last=not a.nchw)
+                            channels_last=not a.nchw, compile=a.compile)
             t0 = time.perf_counter()
             res = fit(model, data, rows, val, cfg, rt, class_weights(data.class_counts(rows)),
                       BatchAugment.from_params(AUGMENT, seed=0))

@@ -79,7 +79,7 @@ def test_every_module_a_stage_runs_is_a_dep(name, stage):
 # ---- params: every key a stage's code reads from params.yaml is declared in dvc.yaml, and only those --------
 # Keys that change no result are left out of dvc.yaml on purpose (threads, logging, batch sizes of inference).
 NO_RESULT = {"train.threads", "train.log_every", "train.progress", "train.eval_batch_size", "evaluate.threads", "evaluate.batch_size",
-             "sequence.features.batch_size", "sequence.threads"}
+             "sequence.features.batch_size", "sequence.train.threads"}
 
 
 def _leaves(node, prefix):
@@ -99,12 +99,9 @@ def _read_by_code() -> dict[str, set[str]]:
     from dataclasses import fields
 
     from ferpipe.evaluate.run import DEFAULTS as EVALUATE
-    from ferpipe.sequences.train import SequenceConfig
+    from ferpipe.sequences.config import SequenceConfig
     from ferpipe.train.run import DEFAULTS as TRAIN
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("features_stage", REPO / "stages" / "features.py")
-    features = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(features)
+    from ferpipe.sequences.features import DEFAULTS as FEATURES
     seq = set()
     for f in fields(SequenceConfig):
         if f.name in ("lstm", "cbm", "frame"):
@@ -116,7 +113,7 @@ def _read_by_code() -> dict[str, set[str]]:
         else:
             seq.add(f"sequence.{f.name}")
     return {"train": set(_leaves(TRAIN, "train")), "evaluate": set(_leaves(EVALUATE, "evaluate")),
-            "features": {f"sequence.features.{k}" for k in features.PARAMS}, "train_sequence": seq}
+            "features": {f"sequence.features.{k}" for k in FEATURES}, "train_sequence": seq}
 
 
 @pytest.mark.parametrize("stage,prefix", [("train", "train"), ("evaluate", "evaluate"),

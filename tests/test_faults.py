@@ -310,7 +310,7 @@ def pipe(tmp_path_factory) -> Path:
           "--manifest", p / "seq/ingest/manifest.csv", "--rejects", p / "seq/ingest/rejects.csv", "--metrics",
           p / "metrics/ingest_seq.json", "--sheet", "", "--workers", "1", "--quiet")
     stage("gray48", "--images", p / "seq/ingest/images.h5", "--out", p / "seq/gray48/images.h5", "--sheet", "")
-    stage("features", "--params", p / "none.yaml", "--mode", "images", "--images", p / "seq/gray48/images.h5",
+    stage("features", "--params", p / "none.yaml", "-S", "mode=images", "--images", p / "seq/gray48/images.h5",
           "--manifest", p / "seq/ingest/manifest.csv", "--out", p / "seq/features.h5", "--metrics", "")
     return p
 
@@ -387,13 +387,14 @@ def _cases(p: Path, t: Path) -> dict:
                           "--errors", ev[3], "--results", ev[4], "--train-metrics", p / "metrics/train.json",
                           "-S", "device=cpu", "-S", "threads=1"], ["-S", "tta=1"], ["-S", "tta=0"]),
         "features": ([t / "seq/features.h5", t / "metrics/features.json"],
-                     ["--params", p / "none.yaml", "--mode", "images", "--images", p / "seq/gray48/images.h5",
+                     ["--params", p / "none.yaml", "-S", "mode=images", "--images", p / "seq/gray48/images.h5",
                       "--manifest", p / "seq/ingest/manifest.csv", "--out", t / "seq/features.h5", "--metrics",
-                      t / "metrics/features.json"], ["--size", "24"], ["--size", "32"]),
+                      t / "metrics/features.json"], ["-S", "size=24"], ["-S", "size=32"]),
         "train_sequence": (ts, ["--params", p / "none.yaml", "--features", p / "seq/features.h5", "--model-out", ts[0],
                                 "--metrics", ts[1], "--plots", ts[2].parent, "--predictions", ts[3], "--live", ts[4], "--results", ts[5],
-                                "--model", "lstm", "--hidden", "8", "--folds", "3", "--threads", "1", "--patience", "3"],
-                           ["--epochs", "2"], ["--epochs", "3"]),
+                                "-S", "model=lstm", "-S", "lstm.hidden=8", "-S", "folds=3", "-S", "train.threads=1",
+                                "-S", "train.patience=3"],
+                           ["-S", "train.epochs=2"], ["-S", "train.epochs=3"]),
         "demo": ([t / "demo", t / "metrics/demo.json"],
                  ["--out", t / "demo", "--metrics", t / "metrics/demo.json", "--train-per-class", "1",
                   "--test-per-class", "1", "--size", "48"], ["--seed", "1"], ["--seed", "2"]),

@@ -24,8 +24,9 @@ from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, pr
 from ferpipe.sequences.features import FeatureError, run_features, sequence_order
 from ferpipe.sequences.models import (CBMCell, CBMNet, LSTMNet, build_sequence_model, init_encoder,
                                       load_sequence_model)
-from ferpipe.sequences.train import (SequenceConfig, SequenceData, cross_validate, load_sequences,
-                                     make_samples, sequence_folds)
+from ferpipe.sequences.config import SequenceConfig
+from ferpipe.sequences.data import SequenceData, load_sequences, make_samples, sequence_folds
+from ferpipe.sequences.train import cross_validate
 from ferpipe.store import read_h5, write_h5
 from ferpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from conftest import load_stage
@@ -590,7 +591,7 @@ def test_training_deterministic_and_learns(tmp_path):
     assert a["mean"]["accuracy"] > 0.8 and a["subject_independent"]
     assert len(a["folds"]) == 4 and len(a["predictions"]) == 40
     cfg.seed = 8
-    assert cross_validate(d, cfg, progress=None)["predictions"]["p_c0"].tolist() != a["predictions"]["p_c0"].tolist()
+    assert cross_validate(d, cfg, progress=None)["predictions"]["prob_c0"].tolist() != a["predictions"]["prob_c0"].tolist()
     # windows and CBM and anticipation run through the same loop
     for over in (dict(rho=2), dict(model="cbm", cbm={"hidden": 8, "depth": 5, "shortcut": 5}),
                  dict(anticipation_first=2)):
@@ -598,6 +599,44 @@ def test_training_deterministic_and_learns(tmp_path):
         r = cross_validate(d, c, progress=None)
         assert 0 <= r["mean"]["accuracy"] <= 1
     assert "k2" in r["by_first_k"]
+
+
+def test_out_of_fold_predictions_are_the_evaluate_table_and_ensemble(tmp_path):
+    """One predictions format: the sequence stage's out-of-fold CSV is the evaluate stage's table, so
+    ensemble.py averages sequence models (and read_predictions gives back the pooled metrics)."""
+    from ferpipe.evaluate.ensemble import ensemble
+    from ferpipe.evaluate.metrics import read_predictions
+    rng = np.random.default_rng(1)
+    d = toy_data(lengths=list(rng.integers(2, 5, 24)), classes=3, shape=(6, 1, 1),
+                 subjects=[f"p{i % 6}" for i in range(24)])
+    cfg = SequenceConfig(model="lstm", folds=3, epochs=2, lstm={"hidden": 8, "depth": 1, "dropout": 0.0}, seed=3)
+    r = cross_validate(d, cfg, progress=None)
+    table = r["predictions"]
+    ids, y, probs, classes = read_predictions(table)
+    assert classes == d.classes and len(ids) == 24 and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert abs((probs.argmax(1) == y).mean() - r["pooled"]["accuracy"]) < 1e-9
+    assert {"fold", "subject", "frames", "predicted", "confidence"} <= set(table.columns)
+    path = tmp_path / "pred.csv"
+    table.to_csv(path, index=False)
+    averaged, m = ensemble([pd.read_csv(path, dtype={"id": str}), pd.read_csv(path, dtype={"id": str})])
+    assert m["accuracy"] == r["pooled"]["accuracy"]
+
+
+@pytest.mark.parametrize("kind,kw", [("lstm", {"hidden": 8, "depth": 2, "dropout": 0.0}),
+                                     ("cbm", {"hidden": 8, "depth": 5, "shortcut": 5}),
+                                     ("frame", {"hidden": 8, "encoder": "none"})])
+def test_more_left_padding_changes_no_output(kind, kw):
+    """The loop cuts each batch to its longest sample: the models are masked and causal, so the
+    amount of left padding must not change an output (a 3-frame sample alone or beside a 7-frame one)."""
+    torch.manual_seed(0)
+    model = build_sequence_model(kind, (6, 1, 1), 3, **kw).eval()
+    x = torch.randn(2, 7, 6, 1, 1)
+    mask = torch.tensor([[False] * 4 + [True] * 3, [True] * 7])
+    x = x * mask[:, :, None, None, None]
+    with torch.no_grad():
+        both = model.steps(x, mask)
+        alone = model.steps(x[:1, 4:], mask[:1, 4:])
+    assert torch.allclose(both[0, 4:], alone[0], atol=1e-5)
 
 
 def test_regression_task(tmp_path, tiny_cnn):
@@ -617,7 +656,7 @@ def test_regression_task(tmp_path, tiny_cnn):
     r = cross_validate(d, cfg, progress=None)
     assert {"mse", "pearson", "mse_valence", "pearson_arousal"} <= set(r["mean"])
     pred = r["predictions"]
-    assert np.allclose(sorted(pred["valence"]), sorted(np.linspace(-0.9, 0.9, 12)), atol=1e-5)  # original scale
+    assert np.allclose(sorted(pred["actual_valence"]), sorted(np.linspace(-0.9, 0.9, 12)), atol=1e-5)  # original scale
     assert r["pooled"]["pearson_valence"] > 0.5
 
 
@@ -631,14 +670,14 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
                                "--sheet", "", "--params", str(REPO / "params.yaml")])
     load_stage("features").main(["--params", str(w / "absent.yaml"), "--images", str(w / "gray48.h5"),
                                  "--manifest", str(ck_frames / "ingest/manifest.csv"), "--out", str(w / "f.h5"),
-                                 "--metrics", str(w / "features.json"), "--checkpoint", str(w / "cnn.pt"),
-                                 "--layer", "fc1"])
+                                 "--metrics", str(w / "features.json"), "-S", f"checkpoint={w / 'cnn.pt'}",
+                                 "-S", "layer=fc1"])
     # params.yaml `sequence:` section is read when present; the command line overrides it
     (w / "params.yaml").write_text("sequence:\n  model: lstm\n  folds: 3\n  lstm: {hidden: 32}\n"
                                    "  train: {epochs: 4, patience: 5, seed: 3, lr: 0.003}\n")
     args = ["--params", str(w / "params.yaml"), "--features", str(w / "f.h5"), "--model-out", str(w / "seq.pt"),
             "--metrics", str(w / "seq.json"), "--plots", str(w / "plots"), "--predictions", str(w / "pred.csv"),
-            "--live", str(w / "live"), "--epochs", "15", "--results", str(w / "results.json")]
+            "--live", str(w / "live"), "-S", "train.epochs=15", "--results", str(w / "results.json")]
     capsys.readouterr()
     load_stage("train_sequence").main(args)
     m = json.loads((w / "seq.json").read_text())
@@ -654,7 +693,9 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     assert set(m["by_first_k"]) == {"k1", "k2", "k3", "k4"}
     assert m["mean"]["accuracy"] > 0.3  # above the majority class (65/262 = 0.25) even from random-CNN features
     assert (w / "plots/confusion.png").stat().st_size > 1000
-    assert (w / "live/plots/metrics/fold0/val_loss.tsv").exists() and not (w / "live/metrics.json").exists()
+    # the image stage's dvclive layout: a folder per fold and the final model
+    assert (w / "live/fold0/plots/metrics/val/loss.tsv").exists() and (w / "live/final/plots/metrics/val/acc.tsv").exists()
+    assert not list(w.glob("live/**/metrics.json"))
     pred = pd.read_csv(w / "pred.csv")
     assert len(pred) == 262 and pred.groupby("subject")["fold"].nunique().max() == 1
     model, info = load_sequence_model(w / "seq.pt")
@@ -666,4 +707,4 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     assert np.allclose(t["outputs"].sum(1), 1, atol=1e-5) and t["label"].shape == (262, 1)
     # a short window longer than every sequence is a clear error
     with pytest.raises(ValueError, match="no test sample|empty training"):
-        load_stage("train_sequence").main(args + ["--rho", "5", "--no-final"])
+        load_stage("train_sequence").main(args + ["-S", "rho=5", "-S", "train.final=false"])

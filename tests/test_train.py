@@ -17,7 +17,7 @@ from ferpipe.store import write_h5
 from ferpipe.train.augment import BatchAugment
 from ferpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from ferpipe.train.data import InputSpec, load_data, prepare_input, read_split
-from ferpipe.train.loop import (FitConfig, Runtime, class_weights, evaluate_rows, fit, param_groups, scheduled_lr,
+from ferpipe.train.loop import (CrossEntropy, FitConfig, Runtime, class_weights, evaluate_rows, fit, param_groups, scheduled_lr,
                                 seed_everything, train_batches)
 from ferpipe.train.run import make_model, resolve_params, run_train, select_folds
 
@@ -343,7 +343,7 @@ def test_fit_learns_and_keeps_the_best_validation_epoch(art):
     assert res.epochs == 40 or res.epochs - res.best_epoch == 6             # early stop after `patience`
     assert res.best_val_acc >= 0.9, accs                                     # the easy task is learned
     model.load_state_dict(res.best_state)
-    crit = torch.nn.CrossEntropyLoss()
+    crit = CrossEntropy()
     loss, acc, _ = evaluate_rows(model, data, va, crit, CPU1)
     assert acc == pytest.approx(res.best_val_acc)                            # the state kept is that epoch's
     # without validation rows: exactly max_epochs, last state
@@ -363,7 +363,7 @@ def test_balanced_accuracy_of_a_constant_answer_and_selection_by_it(art):
         def forward(self, x, guide=None):
             return torch.tensor([0.0, 0.0, 1.0]).repeat(len(x), 1) + self.w
 
-    loss, acc, bal = evaluate_rows(Constant(), data, rows, torch.nn.CrossEntropyLoss(), CPU1)
+    loss, acc, bal = evaluate_rows(Constant(), data, rows, CrossEntropy(), CPU1)
     share = float((data.targets[rows] == 2).float().mean())
     assert acc == pytest.approx(share) and bal == pytest.approx(1 / 3)
     seed_everything(0)

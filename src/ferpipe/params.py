@@ -1,6 +1,7 @@
 """Reading params.yaml sections for stage scripts (DVC passes nothing; stages read the file)."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -38,13 +39,20 @@ def workers(n: int | None) -> int:
 
 
 def apply_overrides(section: dict | None, items: list[str]) -> dict:
-    """A copy of a params section with `KEY=VALUE` overrides (values parsed as YAML) from a stage's -S."""
-    out = dict(section or {})
+    """A copy of a params section with `KEY=VALUE` overrides (values parsed as YAML) from a stage's -S;
+    a dotted KEY sets a nested value (`train.epochs=15`), the groups on its way are copied, not edited."""
+    out = copy.deepcopy(dict(section or {}))
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        parts = [k.strip() for k in key.split(".")]
+        if not sep or not all(parts):
             raise ValueError(f"an override must be KEY=VALUE, got '{item}'")
-        out[key.strip()] = yaml.safe_load(value)
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ValueError(f"override {key}: {part} is a value, not a group")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
     return out
 
 

@@ -1,8 +1,10 @@
 """Classification metrics from predicted probabilities, and the predictions table.
 
 ``classification_metrics(y, probs, classes)`` -> accuracy, macro_f1, balanced_accuracy (mean
-per-class recall over the classes present in y), top2/top3 (only when there are more than 2/3
-classes), per-class precision/recall/f1/support, n. Every value is a plain float/int, ready for JSON.
+per-class recall over the classes present in y), auc (binary ROC AUC, or one-vs-rest macro over the
+classes present with both outcomes), top2/top3 (only when there are more than 2/3 classes),
+per-class precision/recall/f1/support, n. ``regression_metrics`` -> mse and Pearson r per target and
+their means. Every value is a plain float/int, ready for JSON. Images and sequences use these alike.
 
 Predictions CSV columns: id, actual, predicted (class names, for DVC's confusion template),
 correct, confidence (probability of the predicted class), prob_<class> per class.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score,
-                             precision_recall_fscore_support, top_k_accuracy_score)
+                             precision_recall_fscore_support, roc_auc_score, top_k_accuracy_score)
 
 PROB_PREFIX = "prob_"
 
@@ -31,6 +33,7 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str])
         "accuracy": float((pred == y).mean()),
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "auc": auc_score(y, probs),
     }
     for k in (2, 3):
         if len(classes) > k:
@@ -38,6 +41,27 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str])
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                         for i, c in enumerate(classes)}
+    return out
+
+
+def auc_score(y: np.ndarray, probs: np.ndarray) -> float:
+    """Binary ROC AUC (2 classes) or one-vs-rest macro AUC over the classes present with both outcomes."""
+    K = probs.shape[1]
+    if K == 2:
+        return float(roc_auc_score(y == 1, probs[:, 1])) if 0 < (y == 1).sum() < len(y) else float("nan")
+    scores = [roc_auc_score(y == c, probs[:, c]) for c in range(K) if 0 < (y == c).sum() < len(y)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
+    """Per target: mse_<name>, pearson_<name>; and their means mse, pearson (y, pred [n, len(names)])."""
+    out = {}
+    for j, name in enumerate(names):
+        a, b = y[:, j], pred[:, j]
+        out[f"mse_{name}"] = float(np.mean((a - b) ** 2))
+        out[f"pearson_{name}"] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    out["mse"] = float(np.mean([out[f"mse_{n}"] for n in names]))
+    out["pearson"] = float(np.nanmean([out[f"pearson_{n}"] for n in names])) if names else float("nan")
     return out
 
 

@@ -58,7 +58,7 @@ class SimpleCNN(nn.Module):
 
     head_path = "fc2"
 
-    def __init__(self, num_classes: int, in_size: int = 48, dropout: float = 0.5):
+    def __init__(self, num_classes: int, in_size: int = 48, dropout: float = 0.5, in_channels: int = 1):
         super().__init__()
         self.num_classes = int(num_classes)
         self.in_size = int(in_size)
@@ -66,7 +66,7 @@ class SimpleCNN(nn.Module):
         if side < 1:
             raise ValueError(f"in_size={in_size} is too small for SimpleCNN (needs >= 14)")
         self.features_dim = 10 * side * side
-        self.conv1 = nn.Conv2d(1, 10, kernel_size=3)
+        self.conv1 = nn.Conv2d(int(in_channels), 10, kernel_size=3)
         self.conv2 = nn.Conv2d(10, 10, kernel_size=3)
         self.pool2 = nn.MaxPool2d(2, 2)
         self.conv3 = nn.Conv2d(10, 10, kernel_size=3)
@@ -77,13 +77,16 @@ class SimpleCNN(nn.Module):
         self.fc1 = nn.Linear(self.features_dim, 50)
         self.fc2 = nn.Linear(50, self.num_classes)
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
-        _check_image("image", x, self.in_size)
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional part: [B, C, S, S] -> [B, 10, side, side] (before the dropout)."""
         x = F.relu(self.conv1(x))
         x = F.relu(self.pool2(self.conv2(x)))
         x = F.relu(self.conv3(x))
-        x = F.relu(self.pool4(self.norm(self.conv4(x))))
-        x = self.dropout(x)
+        return F.relu(self.pool4(self.norm(self.conv4(x))))
+
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+        _check_image("image", x, self.in_size)
+        x = self.dropout(self.trunk(x))
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))
         return self.fc2(x)

@@ -43,6 +43,9 @@ from ferpipe.data.labels import class_list
 from ferpipe.store import read_attrs, read_h5, write_h5, write_json, writes
 
 MODES = ("cnn", "images")
+# params.yaml sequence.features: the stage's settings and their code defaults (conf/config.yaml's values; tests)
+DEFAULTS = {"mode": "cnn", "checkpoint": "src/ferpipe/weights/fer2013_vgg7.pt", "layer": "flatten", "batch_size": 1024,
+            "standardize": True, "size": 48}
 REGRESSION_LABELS = ("valence", "arousal", "label_value")  # label_value: a list file's first label
 
 
@@ -312,10 +315,11 @@ def frame_labels(manifest: pd.DataFrame, classes: list[str] | None = None) -> tu
 
 
 @writes("out_h5", "metrics_path")
-def run_features(images_h5, manifest_csv, out_h5, mode: str = "cnn", checkpoint=None,
-                 backbone: str | None = None, weights: str | None = None, layer: str = "fc1",
-                 batch_size: int = 1024, guide_h5=None, standardize: bool = True, stats_from=None,
-                 size: int = 48, metrics_path=None, landmarks_h5=None, guide_params: dict | None = None) -> dict:
+def run_features(images_h5, manifest_csv, out_h5, mode: str = DEFAULTS["mode"], checkpoint=None,
+                 backbone: str | None = None, weights: str | None = None, layer: str = DEFAULTS["layer"],
+                 batch_size: int = DEFAULTS["batch_size"], guide_h5=None, standardize: bool = DEFAULTS["standardize"],
+                 stats_from=None, size: int = DEFAULTS["size"], metrics_path=None, landmarks_h5=None,
+                 guide_params: dict | None = None) -> dict:
     """Write the features HDF5 (layout in the module docstring); return counts and speed."""
     if mode not in MODES:
         raise FeatureError(f"features mode must be one of {MODES}, got {mode!r}")

@@ -21,10 +21,11 @@ real frame is the prediction "from the first k frames" that anticipation evaluat
 * ``FrameNet``: a per-frame classifier (encoder -> MLP) applied at every step; with one frame per
   sequence it is the single-frame (apex) CNN the sequence models are compared with.
 
-Frame encoders for raw frames (features in images mode): ``simple`` = the Deep-Emotion Simple-CNN
-trunk (1x48x48 -> 10x9x9, exactly as in ferpipe.models.SimpleCNN), ``simple_fc`` = the same up to its
-fc1 (-> 50 x 1 x 1: LSTM-on-CNN trained end to end), ``conv`` = three VGG-style blocks (width w, 2w,
-4w; 48 -> 6 px). ``init_encoder`` starts a simple / simple_fc encoder from a Simple-CNN checkpoint.
+Frame encoders for raw frames (features in images mode) are the image registry's models, not copies:
+``simple`` = the Deep-Emotion Simple-CNN's trunk (ferpipe.models.SimpleCNN, 1x48x48 -> 10x9x9),
+``simple_fc`` = the same up to its fc1 (-> 50 x 1 x 1: LSTM-on-CNN trained end to end), ``conv`` =
+three blocks of ferpipe.models.CompactVGG (width w, 2w, 4w; 48 -> 6 px). ``init_encoder`` starts a
+simple / simple_fc encoder from a Simple-CNN checkpoint.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ferpipe.models.deep_emotion import SimpleCNN
+from ferpipe.models.vgg import CompactVGG
 from ferpipe.store import write_torch
 
 KINDS = ("lstm", "cbm", "frame")
@@ -73,49 +76,24 @@ def right_to_left(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # frame encoders
 
-class SimpleTrunk(nn.Module):
-    """Deep-Emotion Simple-CNN up to its dropout: 1 x 48 x 48 -> 10 x 9 x 9; with ``fc`` > 0 also
-    dropout -> flatten -> fc1 -> ReLU (-> fc x 1 x 1: the Simple-CNN's fc1 features, the layer the
-    LSTM-on-CNN sits on). Parameter names are SimpleCNN's, so its checkpoints load (``init_encoder``)."""
+class SimpleTrunk(SimpleCNN):
+    """The registry's Deep-Emotion Simple-CNN (``baseline``) without its classifier: 1 x 48 x 48 ->
+    10 x 9 x 9 (its trunk); with ``fc`` also dropout -> flatten -> fc1 -> ReLU (-> 50 x 1 x 1: the
+    Simple-CNN's fc1 features, the layer the LSTM-on-CNN sits on). The same layers and parameter names
+    as the image model, so its checkpoints load (``init_encoder``)."""
 
-    def __init__(self, in_ch: int = 1, fc: int = 0, in_size: int = 48, dropout: float = 0.5):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, 10, 3)
-        self.conv2 = nn.Conv2d(10, 10, 3)
-        self.conv3 = nn.Conv2d(10, 10, 3)
-        self.conv4 = nn.Conv2d(10, 10, 3)
-        self.norm = nn.BatchNorm2d(10)
-        self.fc = int(fc)
-        if self.fc:
-            side = ((in_size - 4) // 2 - 4) // 2
-            self.dropout = nn.Dropout(dropout)
-            self.fc1 = nn.Linear(10 * side * side, self.fc)
+    def __init__(self, in_ch: int = 1, fc: bool = False, in_size: int = 48, dropout: float = 0.5):
+        super().__init__(num_classes=1, in_size=in_size, dropout=dropout, in_channels=in_ch)
+        del self.fc2
+        self.fc = bool(fc)
+        if not self.fc:
+            del self.fc1
 
     def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.relu(F.max_pool2d(self.conv2(x), 2))
-        x = F.relu(self.conv3(x))
-        x = F.relu(F.max_pool2d(self.norm(self.conv4(x)), 2))
+        x = self.trunk(x)
         if self.fc:
             x = F.relu(self.fc1(self.dropout(x).flatten(1)))[:, :, None, None]
         return x
-
-
-class ConvTrunk(nn.Module):
-    """Three blocks of (conv3x3-BN-ReLU) x 2 + max-pool 2, widths w, 2w, 4w."""
-
-    def __init__(self, in_ch: int = 1, width: int = 16):
-        super().__init__()
-        layers, c = [], in_ch
-        for w in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
-            c = w
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.body(x)
 
 
 def make_encoder(kind: str, in_shape: tuple[int, int, int], width: int = 16) -> tuple[nn.Module | None, tuple]:
@@ -125,11 +103,11 @@ def make_encoder(kind: str, in_shape: tuple[int, int, int], width: int = 16) -> 
     if kind not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {kind!r}")
     if kind == "simple":
-        enc = SimpleTrunk(in_shape[0])
+        enc = SimpleTrunk(in_shape[0], in_size=in_shape[1])
     elif kind == "simple_fc":
-        enc = SimpleTrunk(in_shape[0], fc=50, in_size=in_shape[1])
-    else:
-        enc = ConvTrunk(in_shape[0], width)
+        enc = SimpleTrunk(in_shape[0], fc=True, in_size=in_shape[1])
+    else:  # the registry's CompactVGG blocks: (conv3x3-BN-ReLU) x 2 + max-pool, widths w, 2w, 4w
+        enc = CompactVGG(1, channels=[width, 2 * width, 4 * width], convs=2, in_channels=in_shape[0]).features
     with torch.no_grad():
         was = enc.training
         enc.eval()

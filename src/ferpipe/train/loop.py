@@ -1,8 +1,12 @@
-"""The training loop: Adam, class-weighted cross-entropy, early stopping on a validation figure.
+"""The training loop of every model ferpipe trains (images and sequences): Adam, an objective
+(class-weighted cross-entropy, mean squared error, the sequences' anticipation loss), optional
+gradient clipping, early stopping on a validation figure.
 
-One ``fit`` call trains one model on a set of rows of a ``TensorData`` and returns the state of
-the epoch with the best validation figure (``select``: accuracy as Guided-ST, or balanced accuracy,
-the mean per-class recall; ties keep the earlier epoch; training accuracy never selects anything).
+One ``fit`` call trains one model on a set of rows of a dataset that gives batches by index (a
+``TensorData`` of images, a ``SequenceBatches`` of clips) and returns the state of the epoch with
+the best validation figure (``select``: accuracy as Guided-ST, balanced accuracy, the mean
+per-class recall, or the validation loss as LSTM-on-CNN; ties keep the earlier epoch; training
+figures never select anything). Patience: stop when ``patience`` epochs passed without a gain.
 Without validation rows (the final model on all training data) it runs exactly ``max_epochs``
 epochs and returns the last state.
 
@@ -26,7 +30,6 @@ device still runs); shuffling and augmentation use their own seeded generators.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -38,9 +41,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from ferpipe.train.data import TensorData
 
 
 # ---------------------------------------------------------------------------- runtime
@@ -134,9 +137,11 @@ class FitConfig:
     lr_schedule: str = "constant"     # constant (Guided-ST) | cosine (per batch, to 0 at max_epochs)
     localization_lr: float = 1.0      # STN localization net's rate as a fraction of lr (1 = Guided-ST)
     localization_warmup: float = 1.0  # epochs over which the localization net's rate ramps up from 0 (0 = none)
-    select: str = "balanced_accuracy"  # the validation figure that picks the best epoch: balanced_accuracy | accuracy
+    select: str = "balanced_accuracy"  # the validation figure that picks the best epoch: balanced_accuracy | accuracy | loss
+    clip: float = 0.0                 # gradient-norm clipping (0 = none; LSTM-on-CNN / Deep RNN: 5)
     label_smoothing: float = 0.0      # CrossEntropy label smoothing of the training loss (validation loss: none)
     channels_last: bool = True        # conv weights and batches in NHWC: the CPU kernels are faster (bench/train_speed.py)
+    compile: bool = False             # torch.compile (inductor) the model for the training steps (validation runs eager)
     seed: int = 2020
     progress: bool | None = None      # None: a bar when stderr is a terminal
     log_every: int = 10               # print an epoch summary line every N epochs, and the first and last (0 = never)
@@ -153,7 +158,44 @@ def class_weights(counts: torch.Tensor) -> torch.Tensor:
     return w
 
 
-SELECT = {"accuracy": "val_acc", "balanced_accuracy": "val_bal_acc"}
+# the validation figure that selects the best epoch: (history key, True when higher is better)
+SELECT = {"accuracy": ("val_acc", True), "balanced_accuracy": ("val_bal_acc", True), "loss": ("val_loss", False)}
+
+
+class CrossEntropy:
+    """Class-weighted cross-entropy on ``model(*inputs)``; label smoothing in training only.
+
+    An objective is what ``fit`` minimizes and how it asks the model: ``objective(model, inputs, y,
+    training) -> (loss, outputs)``, outputs [B, K] are the scores the metrics read (``classify``: the
+    arg-max is the answer). Image and sequence training differ only in their objective and batches.
+    """
+    classify = True
+
+    def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        self.weight, self.label_smoothing = weight, float(label_smoothing)
+
+    def to(self, device) -> "CrossEntropy":
+        if self.weight is not None:
+            self.weight = self.weight.to(device)
+        return self
+
+    def __call__(self, model, inputs, y, training: bool = False):
+        out = model(*inputs)
+        loss = F.cross_entropy(out.float(), y, weight=self.weight,
+                               label_smoothing=self.label_smoothing if training else 0.0)
+        return loss, out
+
+
+class MeanSquared:
+    """Mean squared error on standardized regression targets (valence / arousal); no accuracy."""
+    classify = False
+
+    def to(self, device) -> "MeanSquared":
+        return self
+
+    def __call__(self, model, inputs, y, training: bool = False):
+        out = model(*inputs)
+        return F.mse_loss(out.float(), y), out
 
 
 @dataclass
@@ -187,33 +229,43 @@ def _all_sum(rt: Runtime, *values: torch.Tensor) -> list[torch.Tensor]:
     return list(t.cpu())
 
 
+def _to_memory(inputs: tuple, memory: torch.memory_format) -> tuple:
+    """4-d batches (images) in the conv weights' memory format; other inputs (masks, 5-d clips) as they are."""
+    return tuple(x.contiguous(memory_format=memory) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
+                 for x in inputs)
+
+
 @torch.no_grad()
-def evaluate_rows(model: nn.Module, data: TensorData, rows: torch.Tensor, criterion: nn.Module,
-                  rt: Runtime, batch_size: int = 512) -> tuple[float, float, float]:
-    """(mean loss, accuracy, balanced accuracy) of `model` on `rows` (each rank takes a shard; results
-    summed). Balanced accuracy: the mean recall over the classes present in `rows` (a constant answer
-    scores 1 / that many classes, whatever the class shares)."""
+def evaluate_rows(model: nn.Module, data, rows: torch.Tensor, objective, rt: Runtime,
+                  batch_size: int = 512) -> tuple[float, float, float]:
+    """(mean loss, accuracy, balanced accuracy) of `model` on `rows` of `data` (each rank takes a shard;
+    results summed). Balanced accuracy: the mean recall over the classes present in `rows` (a constant
+    answer scores 1 / that many classes, whatever the class shares). Regression: accuracies are NaN."""
     net = _unwrap(model)
     was_training = net.training
     net.eval()
     rows = rows[rt.rank::rt.world]
-    k = len(data.classes)
+    k = len(data.classes) if objective.classify else 0
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    seen = torch.zeros((), device=rt.device, dtype=torch.float64)
     hits = torch.zeros(k, device=rt.device, dtype=torch.float64)    # correct answers per true class
     count = torch.zeros(k, device=rt.device, dtype=torch.float64)   # rows per true class
     for idx in rows.split(batch_size):
-        image, guide, y = data.batch(idx)
+        *inputs, y = data.batch(idx)
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-            logits = net(image, guide)
-        loss_sum += criterion(logits.float(), y).double() * len(idx)
-        hits += torch.bincount(y[logits.argmax(1) == y], minlength=k).double()
-        count += torch.bincount(y, minlength=k).double()
-    loss_sum, *per_class = _all_sum(rt, loss_sum, *hits, *count)
-    hits, count = torch.stack(per_class[:k]), torch.stack(per_class[k:])
+            loss, out = objective(net, inputs, y, training=False)
+        loss_sum += loss.double() * len(idx)
+        seen += len(idx)
+        if k:
+            hits += torch.bincount(y[out.argmax(1) == y], minlength=k).double()
+            count += torch.bincount(y, minlength=k).double()
+    loss_sum, n, *per_class = _all_sum(rt, loss_sum, seen, *hits, *count)
+    hits, count = (torch.stack(per_class[:k]), torch.stack(per_class[k:])) if k else (None, None)
     net.train(was_training)
-    n = count.sum()
     if n == 0:
         return float("nan"), float("nan"), float("nan")
+    if not k:
+        return float(loss_sum / n), float("nan"), float("nan")
     present = count > 0
     return float(loss_sum / n), float(hits.sum() / n), float((hits[present] / count[present]).mean())
 
@@ -264,19 +316,27 @@ def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> 
     raise ValueError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
 
 
-def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: torch.Tensor | None,
+def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor | None,
         cfg: FitConfig, rt: Runtime, weights: torch.Tensor | None = None, augment: Callable | None = None,
-        live=None, desc: str = "train") -> FitResult:
-    """Train `model` (already on rt.device, DDP-wrapped when distributed); return the best state."""
+        live=None, desc: str = "train", objective=None) -> FitResult:
+    """Train `model` (already on rt.device, DDP-wrapped when distributed); return the best state.
+
+    `data` gives batches by row index: ``data.batch(idx, augment) -> (*inputs, y)`` and its
+    ``classes`` (a ``TensorData`` of images, a ``sequences.data.SequenceBatches`` of clips).
+    `objective` (default: ``CrossEntropy(weights, cfg.label_smoothing)``) is the loss and how the
+    model is called; `weights` are the class weights of that default.
+    """
     if len(train_rows) == 0:
         raise ValueError(f"{desc}: no training rows")
     has_val = val_rows is not None and len(val_rows) > 0
     net = _unwrap(model)
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net.to(memory_format=memory)  # 4-d (conv) weights only; DDP's buckets follow the parameters
-    weight = None if weights is None else weights.to(rt.device)
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=float(cfg.label_smoothing))
-    val_criterion = nn.CrossEntropyLoss(weight=weight)
+    if objective is None:
+        objective = CrossEntropy(weights, cfg.label_smoothing)
+    elif weights is not None:
+        raise ValueError("class weights belong to the objective: pass CrossEntropy(weights) as objective")
+    objective.to(rt.device)
     if cfg.localization_warmup < 0:
         raise ValueError(f"localization_warmup must be >= 0 epochs, got {cfg.localization_warmup}")
     optimizer = torch.optim.Adam(param_groups(net, cfg.localization_lr, own_group=cfg.localization_warmup > 0),
@@ -284,7 +344,11 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
     scheduled_lr(cfg.lr, cfg.lr_schedule, 0, 1)  # an unknown schedule fails before the first epoch
     if cfg.select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}, got {cfg.select!r}")
-    key = SELECT[cfg.select]
+    key, higher = SELECT[cfg.select]
+    if not objective.classify and key != "val_loss":
+        raise ValueError(f"select {cfg.select!r} needs classes; a regression selects by loss")
+    # compiled once per fit; the validation pass stays eager (no second graph for eval mode)
+    step_model = torch.compile(model) if cfg.compile else model
     step = 0
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     order = torch.Generator().manual_seed(int(cfg.seed))
@@ -316,22 +380,25 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
                 group["lr"] = group["lr_scale"] * rate * (warm if group["localization"] else 1.0)
             step += 1
             local = idx[rt.rank::rt.world]
-            image, guide, y = data.batch(local, augment)
-            image = image.contiguous(memory_format=memory)
-            guide = None if guide is None else guide.contiguous(memory_format=memory)
+            *inputs, y = data.batch(local, augment)
             with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-                logits = model(image, guide)
-                loss = criterion(logits.float(), y)
+                loss, out = objective(step_model, _to_memory(inputs, memory), y, training=True)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.clip:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
+            if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
             loss_sum += loss.detach().double() * len(local)
-            correct += (logits.detach().argmax(1) == y).sum()
+            if objective.classify:
+                correct += (out.detach().argmax(1) == y).sum()
             seen += len(local)
             bar.update(1)
             if not bar.disable and (bar.n % 10 == 0 or bar.n == len(batches)):
@@ -340,12 +407,14 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
         bar.close()
         loss_sum, correct, n = _all_sum(rt, loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64))
         best.images += int(n)
-        row = {"epoch": epoch, "train_loss": float(loss_sum / n), "train_acc": float(correct / n)}
+        row = {"epoch": epoch, "train_loss": float(loss_sum / n),
+               "train_acc": float(correct / n) if objective.classify else float("nan")}
         if has_val:
-            row["val_loss"], row["val_acc"], row["val_bal_acc"] = evaluate_rows(model, data, val_rows, val_criterion,
+            row["val_loss"], row["val_acc"], row["val_bal_acc"] = evaluate_rows(model, data, val_rows, objective,
                                                                                  rt, cfg.eval_batch_size)
         best.history.append(row)
-        improved = (not has_val) or best.best_score is None or row[key] > best.best_score
+        improved = (not has_val) or best.best_score is None or (
+            row[key] > best.best_score if higher else row[key] < best.best_score)
         if improved:
             best.best_state = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
             best.best_epoch = epoch
@@ -358,13 +427,14 @@ def fit(model: nn.Module, data: TensorData, train_rows: torch.Tensor, val_rows: 
             if live is not None:
                 live.step = epoch
                 for name in ("train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc"):
-                    if name in row:  # not `key`: that names the selected figure
+                    if name in row and not math.isnan(row[name]):  # not `key`: that names the selected figure
                         live.log_metric(name.replace("_", "/", 1), row[name])
                 live.next_step()
-            last = f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+            last = f"train loss {row['train_loss']:.4f}" + (f" acc {row['train_acc']:.4f}" if objective.classify else "")
             if has_val:
-                last += (f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} bal {row['val_bal_acc']:.4f}"
-                         f" | best {best.best_score:.4f} @ {best.best_epoch}")
+                last += (f" | val loss {row['val_loss']:.4f}"
+                         + (f" acc {row['val_acc']:.4f} bal {row['val_bal_acc']:.4f}" if objective.classify else "")
+                         + f" | best {best.best_score:.4f} @ {best.best_epoch}")
             if cfg.log_every and (epoch % cfg.log_every == 0 or epoch == 1 or epoch == cfg.max_epochs or stop):
                 tqdm.write(f"{desc} epoch {epoch}/{cfg.max_epochs}: {last}")
         if stop:
@@ -387,6 +457,3 @@ def _postfix(last: str, t0: float, epoch: int, max_epochs: int) -> str:
     eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
     return f"{last} | {per_epoch:.1f} s/epoch | ETA {eta} to epoch {max_epochs}"
 
-
-def copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(_unwrap(model))
