@@ -16,7 +16,7 @@ from ferpipe.evaluate.ensemble import ensemble, read_csv
 from ferpipe.evaluate.metrics import classification_metrics, predictions_table, read_predictions
 from ferpipe.evaluate.plots import worst_errors
 from ferpipe.evaluate.run import predict, run_evaluate, select_checkpoints
-from ferpipe.train.checkpoint import load_checkpoint
+from ferpipe.models.checkpoint import load_checkpoint
 from ferpipe.train.data import InputSpec, load_data
 from test_train import CLASSES, make_artifacts, train
 

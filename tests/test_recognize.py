@@ -24,9 +24,9 @@ from skimage import data as skdata
 from conftest import REPO, load_stage
 from ferpipe.export import ExportError, export_model, run_exported
 from ferpipe.models import MODEL_NAMES, MODEL_SPECS, build_model
+from ferpipe.models.checkpoint import save_checkpoint
 from ferpipe.recognize import (BUNDLED, IoUTracker, Recognizer, RecognizeError, TrackLabeler, draw,
                                fold_batchnorm, results_table)
-from ferpipe.train.checkpoint import save_checkpoint
 from ferpipe.train.data import InputSpec
 
 FER7 = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]

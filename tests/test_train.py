@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from ferpipe.models import build_model, get_head
+from ferpipe.models.checkpoint import load_checkpoint, save_checkpoint
 from ferpipe.store import write_h5
 from ferpipe.train.augment import BatchAugment
-from ferpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from ferpipe.train.data import InputSpec, load_data, prepare_input, read_split
 from ferpipe.train.loop import (FitConfig, Runtime, class_weights, evaluate_rows, fit, param_groups, scheduled_lr,
                                 seed_everything, train_batches)

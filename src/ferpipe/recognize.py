@@ -42,7 +42,7 @@ from ferpipe.imaging import resize, resize_batch
 from ferpipe.evaluate.run import predict_pixels, select_checkpoints
 from ferpipe.faces.detect import FaceDetector, align_face
 from ferpipe.guides.maps import DEFAULT_PARAMS, make_guide
-from ferpipe.train.checkpoint import CheckpointError, load_checkpoint
+from ferpipe.models.checkpoint import CheckpointError, load_checkpoint
 from ferpipe.train.data import InputSpec
 
 BUNDLED = Path(__file__).resolve().parent / "weights" / "fer2013_vgg7.pt"

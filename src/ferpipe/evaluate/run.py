@@ -23,9 +23,9 @@ import torch
 
 from ferpipe.evaluate.metrics import classification_metrics, confusion, headline, predictions_table
 from ferpipe.evaluate.plots import confusion_png, errors_png
+from ferpipe.models.checkpoint import load_checkpoint
 from ferpipe.store import settle, write_csv, write_json, write_text, writes
 from ferpipe.train.augment import BatchAugment
-from ferpipe.train.checkpoint import load_checkpoint
 from ferpipe.train.data import InputSpec, TensorData, load_data, normalize, split_channels
 
 DEFAULTS = {

@@ -116,7 +116,7 @@ def resolve_checkpoint(path) -> Path:
         folds = sorted(path.glob("fold*.pt"), key=lambda p: (len(p.stem), p.stem))
         if not folds:
             raise FeatureError(f"{path}: no final.pt or fold<k>.pt (run the train stage first)")
-        from ferpipe.train.checkpoint import read_checkpoint_info
+        from ferpipe.models.checkpoint import read_checkpoint_info
 
         def val_acc(p: Path) -> float:
             acc = (read_checkpoint_info(p).get("meta") or {}).get("val_acc")
@@ -168,7 +168,7 @@ def load_cnn(checkpoint=None, backbone: str | None = None, weights: str | None =
              num_classes: int = 1000) -> tuple[nn.Module, dict]:
     """A checkpoint of the training stage (load_checkpoint), or a registry backbone with a weights file."""
     if checkpoint:
-        from ferpipe.train.checkpoint import load_checkpoint
+        from ferpipe.models.checkpoint import load_checkpoint
         model, info = load_checkpoint(checkpoint)
         return model.eval(), info
     if not backbone:

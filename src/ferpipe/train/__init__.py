@@ -1,6 +1,6 @@
 """Training: packed arrays in memory (data), batched augmentation (augment), the loop with early
-stopping, DDP and AMP (loop), k-fold cross-validation + final model + transfer learning (run), and
-checkpoints (checkpoint: save_checkpoint / load_checkpoint).
+stopping, DDP and AMP (loop), k-fold cross-validation + final model + transfer learning (run).
+Checkpoints are written with ``ferpipe.models.checkpoint.save_checkpoint``.
 
 A checkpoint's ``meta["input"]`` says how to feed its model; ``ferpipe.train.data.prepare_input``
 turns uint8 images (and guide maps) into the tensors ``model(image, guide)`` expects.
