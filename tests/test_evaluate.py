@@ -17,7 +17,8 @@ from ferpipe.evaluate.metrics import classification_metrics, predictions_table, 
 from ferpipe.evaluate.plots import worst_errors
 from ferpipe.evaluate.run import predict, run_evaluate, select_checkpoints
 from ferpipe.models.checkpoint import load_checkpoint
-from ferpipe.train.data import InputSpec, load_data
+from ferpipe.models.inputs import InputSpec
+from ferpipe.train.data import load_data
 from test_train import CLASSES, make_artifacts, train
 
 REPO = Path(__file__).resolve().parents[1]

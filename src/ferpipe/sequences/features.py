@@ -245,7 +245,7 @@ def make_input(images: np.ndarray, guide: np.ndarray | None, meta: dict | None):
     without one gets uint8 / 255."""
     spec = (meta or {}).get("input")
     if spec:
-        from ferpipe.train.data import prepare_input
+        from ferpipe.models.inputs import prepare_input
         return prepare_input(images, guide if spec.get("guide") else None, spec)
     return to_input(images), (to_input(guide) if guide is not None else None)
 

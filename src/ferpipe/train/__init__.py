@@ -2,6 +2,6 @@
 stopping, DDP and AMP (loop), k-fold cross-validation + final model + transfer learning (run).
 Checkpoints are written with ``ferpipe.models.checkpoint.save_checkpoint``.
 
-A checkpoint's ``meta["input"]`` says how to feed its model; ``ferpipe.train.data.prepare_input``
+A checkpoint's ``meta["input"]`` says how to feed its model; ``ferpipe.models.inputs.prepare_input``
 turns uint8 images (and guide maps) into the tensors ``model(image, guide)`` expects.
 """
