@@ -107,7 +107,7 @@ def test_guideless_recipes_skip_face_detection_and_guided_models_then_refuse(fer
     from ferpipe.faces.landmarks import run_landmarks
     from ferpipe.store import read_h5, write_h5
     from ferpipe.models.inputs import InputSpec
-    from ferpipe.train.data import check_guides_found_faces
+    from ferpipe.data.tensors import check_guides_found_faces
 
     base = yaml.safe_load(compose_params(CONF))
     for name in ("quick", "cpu60", "bundled"):

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from ferpipe.train.data import TensorData
+from ferpipe.data.tensors import TensorData
 
 
 # ---------------------------------------------------------------------------- runtime
