@@ -24,7 +24,7 @@ attrs: stage, mode, layer, checkpoint, classes, label_names, standardized, stats
 A test file reuses a training file's statistics (and class list): `stats_from=<train features.h5>`.
 
 Pixel input: exactly what the training stage fed the CNN: its checkpoint's meta["input"] (resize to
-the model's size, per-channel standardization) via ferpipe.train.data.prepare_input; a checkpoint
+the model's size, per-channel standardization) via ferpipe.models.inputs.prepare_input; a checkpoint
 without that spec (or a backbone) gets float [B, 1, H, W] = uint8 / 255.
 """
 from __future__ import annotations
@@ -241,7 +241,7 @@ def to_input(images: np.ndarray, meta: dict | None = None) -> torch.Tensor:
 
 def make_input(images: np.ndarray, guide: np.ndarray | None, meta: dict | None):
     """(image, guide) model input exactly as the training stage made it: its checkpoint's
-    meta["input"] (size, per-channel mean/std) through ferpipe.train.data.prepare_input; a checkpoint
+    meta["input"] (size, per-channel mean/std) through ferpipe.models.inputs.prepare_input; a checkpoint
     without one gets uint8 / 255."""
     spec = (meta or {}).get("input")
     if spec:
