@@ -22,8 +22,8 @@ from test_recognize import FER7, calibrate, real_pixels  # noqa: E402  (the test
 
 from ferpipe.export import ExportError, export_model  # noqa: E402
 from ferpipe.models import MODEL_NAMES, MODEL_SPECS, build_model, count_params  # noqa: E402
-from ferpipe.train.checkpoint import save_checkpoint  # noqa: E402
-from ferpipe.train.data import InputSpec  # noqa: E402
+from ferpipe.models.checkpoint import save_checkpoint  # noqa: E402
+from ferpipe.models.inputs import InputSpec  # noqa: E402
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
+from ferpipe.models.checkpoint import load_checkpoint, read_payload
 from ferpipe.store import write_torch
-from ferpipe.train.checkpoint import load_checkpoint, read_payload
 
 
 def main() -> None:

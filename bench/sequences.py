@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO / "src"))
 
 from ferpipe.data.labels import FER2013_CLASSES  # noqa: E402
 from ferpipe.models import build_model  # noqa: E402
+from ferpipe.models.checkpoint import save_checkpoint  # noqa: E402
 from ferpipe.sequences.features import load_cnn, run_cnn, run_features  # noqa: E402
 from ferpipe.sequences.config import SequenceConfig  # noqa: E402
 from ferpipe.sequences.data import load_sequences  # noqa: E402
 from ferpipe.sequences.train import cross_validate  # noqa: E402
-from ferpipe.train.checkpoint import save_checkpoint  # noqa: E402
 
 
 def sh(cmd):

@@ -42,14 +42,15 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from ferpipe.data.augment import BatchAugment
 from ferpipe.data.ingest import decode_all
 from ferpipe.data.readers import read_folder
 from ferpipe.data.split import make_split
+from ferpipe.data.tensors import load_data
 from ferpipe.guides.maps import make_guide
 from ferpipe.models import MODEL_SPECS, build_model
 from ferpipe.store import write_csv, write_h5
-from ferpipe.train.augment import BatchAugment
-from ferpipe.train.data import channel_stats, load_data
+from ferpipe.train.data import channel_stats
 from ferpipe.train.loop import FitConfig, Runtime, class_weights, fit, seed_everything
 from ferpipe.tv import torchvision
 

@@ -30,9 +30,9 @@ import yaml
 
 from ferpipe.evaluate.plots import curves_png
 from ferpipe.models import MODEL_NAMES
+from ferpipe.models.checkpoint import read_checkpoint_info
 from ferpipe.params import add_override_option, load_params, overridden
 from ferpipe.stagecli import run_stage, stage_parser
-from ferpipe.train.checkpoint import read_checkpoint_info
 from ferpipe.train.run import DEFAULTS, run_train
 
 

@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
+from ferpipe.data.tensors import load_data
 from ferpipe.evaluate.ensemble import ensemble, read_csv
 from ferpipe.evaluate.metrics import classification_metrics, predictions_table, read_predictions
 from ferpipe.evaluate.plots import worst_errors
 from ferpipe.evaluate.run import predict, run_evaluate, select_checkpoints
-from ferpipe.train.checkpoint import load_checkpoint
-from ferpipe.train.data import InputSpec, load_data
+from ferpipe.models.checkpoint import load_checkpoint
+from ferpipe.models.inputs import InputSpec
 from test_train import CLASSES, make_artifacts, train
 
 REPO = Path(__file__).resolve().parents[1]

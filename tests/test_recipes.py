@@ -106,7 +106,8 @@ def test_guideless_recipes_skip_face_detection_and_guided_models_then_refuse(fer
     from ferpipe.guides.maps import run_guide
     from ferpipe.faces.landmarks import run_landmarks
     from ferpipe.store import read_h5, write_h5
-    from ferpipe.train.data import InputSpec, check_guides_found_faces
+    from ferpipe.models.inputs import InputSpec
+    from ferpipe.data.tensors import check_guides_found_faces
 
     base = yaml.safe_load(compose_params(CONF))
     for name in ("quick", "cpu60", "bundled"):

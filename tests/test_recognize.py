@@ -24,10 +24,10 @@ from skimage import data as skdata
 from conftest import REPO, load_stage
 from ferpipe.export import ExportError, export_model, run_exported
 from ferpipe.models import MODEL_NAMES, MODEL_SPECS, build_model
+from ferpipe.models.checkpoint import save_checkpoint
+from ferpipe.models.inputs import InputSpec
 from ferpipe.recognize import (BUNDLED, IoUTracker, Recognizer, RecognizeError, TrackLabeler, draw,
                                fold_batchnorm, results_table)
-from ferpipe.train.checkpoint import save_checkpoint
-from ferpipe.train.data import InputSpec
 
 FER7 = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 ASTRONAUT_FACE = (150, 50, 300, 200)  # a box around the astronaut's face in the 512x512 photo (x0, y0, x1, y1)
@@ -417,7 +417,7 @@ def real_pixels(fer_dir: Path, spec: InputSpec, n: int = 8) -> np.ndarray:
 def calibrate(model: torch.nn.Module, pixels: np.ndarray, spec: InputSpec) -> None:
     """BatchNorm statistics from real faces (one train-mode pass), so that a seeded untrained deep net
     gives graded probabilities rather than saturated ones: an export check on 0/1 outputs proves little."""
-    from ferpipe.train.data import normalize, split_channels
+    from ferpipe.models.inputs import normalize, split_channels
 
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

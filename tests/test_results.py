@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import fer_slice, load_stage
+from ferpipe.data.tensors import load_data
 from ferpipe.evaluate.metrics import headline
 from ferpipe.evaluate.plots import curves_png
 from ferpipe.models import build_model
 from ferpipe.store import write_h5
-from ferpipe.train.data import load_data
 from ferpipe.train.loop import FitConfig, Runtime, fit
 from ferpipe.train.run import chance_check, run_train
 

@@ -20,6 +20,7 @@ from ferpipe.data.decode import ImageError, decode_image
 from ferpipe.data.ingest import run_ingest
 from ferpipe.data.readers import READERS, DatasetError, read_dataset
 from ferpipe.models import build_model, count_params
+from ferpipe.models.checkpoint import load_checkpoint, save_checkpoint
 from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, prefix_length
 from ferpipe.sequences.features import FeatureError, run_features, sequence_order
 from ferpipe.sequences.models import (CBMCell, CBMNet, LSTMNet, build_sequence_model, init_encoder,
@@ -28,7 +29,6 @@ from ferpipe.sequences.config import SequenceConfig
 from ferpipe.sequences.data import SequenceData, load_sequences, make_samples, sequence_folds
 from ferpipe.sequences.train import cross_validate
 from ferpipe.store import read_h5, write_h5
-from ferpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from conftest import load_stage
 
 REPO = Path(__file__).resolve().parents[1]

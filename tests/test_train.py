@@ -12,11 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
+from ferpipe.data.augment import BatchAugment
+from ferpipe.data.tensors import load_data, read_split
 from ferpipe.models import build_model, get_head
+from ferpipe.models.checkpoint import load_checkpoint, save_checkpoint
+from ferpipe.models.inputs import InputSpec, prepare_input
 from ferpipe.store import write_h5
-from ferpipe.train.augment import BatchAugment
-from ferpipe.train.checkpoint import load_checkpoint, save_checkpoint
-from ferpipe.train.data import InputSpec, load_data, prepare_input, read_split
 from ferpipe.train.loop import (CrossEntropy, FitConfig, Runtime, class_weights, evaluate_rows, fit, param_groups, scheduled_lr,
                                 seed_everything, train_batches)
 from ferpipe.train.run import make_model, resolve_params, run_train, select_folds

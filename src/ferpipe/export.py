@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ferpipe.models.inputs import InputSpec
 from ferpipe.store import atomic_path
-from ferpipe.train.data import InputSpec
 
 FORMATS = ("onnx", "torchscript")
 

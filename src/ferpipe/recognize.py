@@ -42,8 +42,8 @@ from ferpipe.imaging import resize, resize_batch
 from ferpipe.evaluate.run import predict_pixels, select_checkpoints
 from ferpipe.faces.detect import FaceDetector, align_face
 from ferpipe.guides.maps import DEFAULT_PARAMS, make_guide
-from ferpipe.train.checkpoint import CheckpointError, load_checkpoint
-from ferpipe.train.data import InputSpec
+from ferpipe.models.checkpoint import CheckpointError, load_checkpoint
+from ferpipe.models.inputs import InputSpec
 
 BUNDLED = Path(__file__).resolve().parent / "weights" / "fer2013_vgg7.pt"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
@@ -527,7 +527,7 @@ class TrackLabeler:
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """Class probabilities [K] for one track's crops [T, ingest_size, ingest_size], in frame order."""
         from ferpipe.sequences.features import LayerTap
-        from ferpipe.train.data import normalize, split_channels
+        from ferpipe.models.inputs import normalize, split_channels
 
         member = self.cnn.members[0]
         pixels = torch.from_numpy(self.cnn.model_inputs(crops)[0]).float().div_(255.0)

@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ferpipe.data.augment import BatchAugment
+from ferpipe.data.tensors import TensorData, load_data
 from ferpipe.evaluate.metrics import classification_metrics, confusion, headline, predictions_table
 from ferpipe.evaluate.plots import confusion_png, errors_png
+from ferpipe.models.checkpoint import load_checkpoint
+from ferpipe.models.inputs import InputSpec, normalize, split_channels
 from ferpipe.store import settle, write_csv, write_json, write_text, writes
-from ferpipe.train.augment import BatchAugment
-from ferpipe.train.checkpoint import load_checkpoint
-from ferpipe.train.data import InputSpec, TensorData, load_data, normalize, split_channels
 
 DEFAULTS = {
     "members": "auto", "tta": 0, "tta_augment": {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05},

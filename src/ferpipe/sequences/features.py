@@ -24,7 +24,7 @@ attrs: stage, mode, layer, checkpoint, classes, label_names, standardized, stats
 A test file reuses a training file's statistics (and class list): `stats_from=<train features.h5>`.
 
 Pixel input: exactly what the training stage fed the CNN: its checkpoint's meta["input"] (resize to
-the model's size, per-channel standardization) via ferpipe.train.data.prepare_input; a checkpoint
+the model's size, per-channel standardization) via ferpipe.models.inputs.prepare_input; a checkpoint
 without that spec (or a backbone) gets float [B, 1, H, W] = uint8 / 255.
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ def resolve_checkpoint(path) -> Path:
         folds = sorted(path.glob("fold*.pt"), key=lambda p: (len(p.stem), p.stem))
         if not folds:
             raise FeatureError(f"{path}: no final.pt or fold<k>.pt (run the train stage first)")
-        from ferpipe.train.checkpoint import read_checkpoint_info
+        from ferpipe.models.checkpoint import read_checkpoint_info
 
         def val_acc(p: Path) -> float:
             acc = (read_checkpoint_info(p).get("meta") or {}).get("val_acc")
@@ -171,7 +171,7 @@ def load_cnn(checkpoint=None, backbone: str | None = None, weights: str | None =
              num_classes: int = 1000) -> tuple[nn.Module, dict]:
     """A checkpoint of the training stage (load_checkpoint), or a registry backbone with a weights file."""
     if checkpoint:
-        from ferpipe.train.checkpoint import load_checkpoint
+        from ferpipe.models.checkpoint import load_checkpoint
         model, info = load_checkpoint(checkpoint)
         return model.eval(), info
     if not backbone:
@@ -244,11 +244,11 @@ def to_input(images: np.ndarray, meta: dict | None = None) -> torch.Tensor:
 
 def make_input(images: np.ndarray, guide: np.ndarray | None, meta: dict | None):
     """(image, guide) model input exactly as the training stage made it: its checkpoint's
-    meta["input"] (size, per-channel mean/std) through ferpipe.train.data.prepare_input; a checkpoint
+    meta["input"] (size, per-channel mean/std) through ferpipe.models.inputs.prepare_input; a checkpoint
     without one gets uint8 / 255."""
     spec = (meta or {}).get("input")
     if spec:
-        from ferpipe.train.data import prepare_input
+        from ferpipe.models.inputs import prepare_input
         return prepare_input(images, guide if spec.get("guide") else None, spec)
     return to_input(images), (to_input(guide) if guide is not None else None)
 

@@ -1,69 +1,20 @@
-"""Training data: the packed artifacts loaded once into memory as tensors, batches by index tensors.
+"""What a training run records about its data: the per-channel statistics of its training rows
+(``channel_stats``: the mean/std of the ``InputSpec`` saved in each checkpoint's meta["input"]) and
+how its arrays were made (``preprocess_record``: meta["preprocess"], repeated by inference).
 
-No DataLoader and no file per item: the image array (gray48, or the patches/weighted collage) and,
-for guided models, the guide map are read from their HDF5 files once, stacked as channels
-[N, C, S, S] (channel 0 = the image, channel 1 = the guide) and kept as uint8 on the training
-device. A batch is ``data.batch(index_tensor)``: a gather, a float conversion (/255), the batched
-augmentation (``ferpipe.train.augment``) and the per-channel standardization, all on the device.
-
-Which arrays a model needs comes from ``MODEL_SPECS[name]`` (image: gray48 | patches | weighted;
-guide: None | a guide kind). Rows follow data/split/split.csv (its ``index`` column is the row in
-the packed arrays; ids are checked).
-
-The input recipe a checkpoint needs at inference is stored in its meta under ``"input"``:
-``{"image", "guide", "size", "mean", "std"}`` (mean/std per channel of the [0, 1] pixels, computed
-on the training rows of that run). ``prepare_input(images, guides, spec)`` turns uint8 arrays into
-the float tensors the model expects: use it (or ``InputSpec``) wherever a checkpoint is applied.
+The arrays themselves are loaded by ``ferpipe.data.tensors`` (``load_data``, ``TensorData``); the
+input recipe and the resize + standardization of a batch are ``ferpipe.models.inputs``.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from ferpipe.models import MODEL_SPECS
-from ferpipe.store import read_attrs, read_h5
-
-
-@dataclass
-class InputSpec:
-    """How uint8 pixels become model input: channels, size, standardization."""
-
-    image: str = "gray48"          # gray48 | patches | weighted (the artifact the image comes from)
-    guide: str | None = None       # guide kind or None
-    size: int = 48                 # side the model takes (batches are resized when it differs)
-    mean: list[float] = field(default_factory=lambda: [0.0])
-    std: list[float] = field(default_factory=lambda: [1.0])
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.guide is None else 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "InputSpec":
-        d = dict(d or {})
-        return cls(**{k: d[k] for k in ("image", "guide", "size", "mean", "std") if k in d})
-
-
-def model_size(name: str, model_kwargs: dict | None = None) -> int:
-    """The input side a registry model is built for (``in_size`` kwarg or the spec's default)."""
-    return int((model_kwargs or {}).get("in_size", MODEL_SPECS[name]["in_size"]))
-
-
-def artifact_paths(image: str, guide: str | None, gray48: str | os.PathLike = "data/gray48/images.h5",
-                   guides_dir: str | os.PathLike = "data/guides") -> tuple[Path, Path | None]:
-    """Where the image array and the guide array of a model live."""
-    img = Path(gray48) if image == "gray48" else Path(guides_dir) / f"{image}.h5"
-    gd = None if guide is None else Path(guides_dir) / f"{guide}.h5"
-    return img, gd
+from ferpipe.models.inputs import InputSpec
+from ferpipe.store import read_attrs
 
 
 def preprocess_record(spec: InputSpec, gray48: str | os.PathLike = "data/gray48/images.h5",
@@ -95,54 +46,6 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def read_split(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
-    """split.csv and its class names (ordered by target; from the target/target_name pairs)."""
-    table = pd.read_csv(path, dtype={"id": str, "target_name": str}, keep_default_na=False)
-    missing = {"id", "index", "split", "fold", "target"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)} (is it the split stage output?)")
-    if (table["target"] < 0).all():
-        raise ValueError(f"{path}: no class targets (task valence_arousal?); the trainer needs a "
-                         "classification task (task: classes | polarity)")
-    table = table[table["target"] >= 0].reset_index(drop=True)
-    n = int(table["target"].max()) + 1
-    classes = [f"class{i}" for i in range(n)]
-    if "target_name" in table:
-        for t, name in table.groupby("target")["target_name"].first().items():
-            if name:
-                classes[int(t)] = name
-    return table, classes
-
-
-def _load_rows(path: Path, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (run its stage first: dvc repro)")
-    data = read_h5(path, ["images", "ids"])
-    if rows.max(initial=-1) >= len(data["ids"]):
-        raise ValueError(f"{path} has {len(data['ids'])} rows, split.csv refers to row {rows.max()}")
-    got = data["ids"][rows]
-    if not np.array_equal(got, ids):
-        bad = int(np.flatnonzero(got != ids)[0])
-        raise ValueError(f"{path}: row {rows[bad]} is id {got[bad]!r}, split.csv says {ids[bad]!r}; "
-                         "the artifacts come from different ingests (dvc repro)")
-    return data["images"][rows]
-
-
-def load_pixels(table: pd.DataFrame, image: str = "gray48", guide: str | None = None,
-                gray48: str | os.PathLike = "data/gray48/images.h5",
-                guides_dir: str | os.PathLike = "data/guides") -> np.ndarray:
-    """uint8 [len(table), C, S, S]: the image (and guide) rows of the split table, in its order."""
-    img_path, guide_path = artifact_paths(image, guide, gray48, guides_dir)
-    rows = table["index"].to_numpy(np.int64)
-    ids = table["id"].astype(str).to_numpy()
-    arrays = [_load_rows(img_path, rows, ids)]
-    if guide_path is not None:
-        arrays.append(_load_rows(guide_path, rows, ids))
-        if arrays[1].shape != arrays[0].shape:
-            raise ValueError(f"{guide_path} is {arrays[1].shape[1:]}, {img_path} is {arrays[0].shape[1:]}")
-    return np.ascontiguousarray(np.stack(arrays, axis=1))
-
-
 def channel_stats(pixels: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 pixels [N, C, S, S] / 255 over `rows` (all when None)."""
     x = pixels if rows is None else pixels[rows]
@@ -150,115 +53,3 @@ def channel_stats(pixels: torch.Tensor, rows: torch.Tensor | None = None) -> tup
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
     return [float(v) for v in mean], [float(v) for v in std]
-
-
-def normalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """float [B, C, S, S] in [0, 1] -> resized to spec.size and standardized per channel."""
-    if x.shape[-1] != spec.size or x.shape[-2] != spec.size:
-        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
-
-
-def split_channels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[B, C, S, S] -> (image [B,1,S,S], guide [B,1,S,S] or None): the two arguments of model()."""
-    return x[:, :1], (x[:, 1:2] if x.shape[1] > 1 else None)
-
-
-def prepare_input(images: np.ndarray, guides: np.ndarray | None, spec: InputSpec | dict,
-                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 images [B, S, S] (+ guides) -> (image, guide) float tensors for ``model(image, guide)``.
-
-    ``spec`` is an InputSpec or a checkpoint's ``meta["input"]``.
-    """
-    spec = spec if isinstance(spec, InputSpec) else InputSpec.from_dict(spec)
-    arrays = [np.asarray(images)]
-    if spec.guide is not None:
-        if guides is None:
-            raise ValueError(f"this model needs the '{spec.guide}' guide map as well as the image")
-        arrays.append(np.asarray(guides))
-    x = torch.from_numpy(np.stack(arrays, axis=1)).to(device).float().div_(255.0)
-    return split_channels(normalize(x, spec))
-
-
-class TensorData:
-    """All rows of one run in memory as uint8 [N, C, S, S] on `device`, plus targets [N].
-
-    ``batch(idx)`` gathers rows by an index tensor and returns float, optionally augmented,
-    standardized input. ``train_rows(folds)`` / ``val_rows(fold)`` / ``test_rows()`` give index tensors.
-    """
-
-    def __init__(self, pixels: np.ndarray, table: pd.DataFrame, classes: list[str], spec: InputSpec,
-                 device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.pixels = torch.from_numpy(pixels).to(self.device)
-        self.targets = torch.from_numpy(table["target"].to_numpy(np.int64).copy()).to(self.device)
-        self.table = table.reset_index(drop=True)
-        self.classes = list(classes)
-        self.spec = spec
-        self._fold = table["fold"].to_numpy(np.int64)
-        self._split = table["split"].astype(str).to_numpy()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    @property
-    def folds(self) -> list[int]:
-        return sorted(int(f) for f in np.unique(self._fold[self._split == "train"]) if f >= 0)
-
-    def _rows(self, mask: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.flatnonzero(mask)).to(self.device)
-
-    def train_rows(self, exclude_fold: int | None = None) -> torch.Tensor:
-        """Training rows (split == train), leaving out one validation fold when given."""
-        mask = self._split == "train"
-        if exclude_fold is not None:
-            mask &= self._fold != exclude_fold
-        return self._rows(mask)
-
-    def val_rows(self, fold: int) -> torch.Tensor:
-        return self._rows((self._split == "train") & (self._fold == fold))
-
-    def test_rows(self) -> torch.Tensor:
-        return self._rows(self._split == "test")
-
-    def class_counts(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.bincount(self.targets[rows], minlength=len(self.classes))
-
-    def batch(self, idx: torch.Tensor, augment=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(image, guide, targets) for the rows `idx`; `augment(x)` runs on [B,C,S,S] in [0, 1]."""
-        x = self.pixels[idx].float().div_(255.0)
-        if augment is not None:
-            x = augment(x)
-        image, guide = split_channels(normalize(x, self.spec))
-        return image, guide, self.targets[idx]
-
-
-def load_data(split_csv: str | os.PathLike, model: str, model_kwargs: dict | None = None,
-              gray48: str | os.PathLike = "data/gray48/images.h5", guides_dir: str | os.PathLike = "data/guides",
-              device: str | torch.device = "cpu", splits: tuple[str, ...] = ("train", "test")) -> TensorData:
-    """Read split.csv and the arrays `model` needs; keep the rows of `splits`; mean/std left at 0/1."""
-    table, classes = read_split(split_csv)
-    table = table[table["split"].isin(splits)].reset_index(drop=True)
-    if table.empty:
-        raise ValueError(f"{split_csv}: no rows with split in {list(splits)}")
-    ms = MODEL_SPECS[model]
-    channels = 1 if ms["guide"] is None else 2
-    spec = InputSpec(image=ms["image"], guide=ms["guide"], size=model_size(model, model_kwargs),
-                     mean=[0.0] * channels, std=[1.0] * channels)
-    check_guides_found_faces(spec, guides_dir)
-    pixels = load_pixels(table, spec.image, spec.guide, gray48, guides_dir)
-    return TensorData(pixels, table, classes, spec, device)
-
-
-def check_guides_found_faces(spec: InputSpec, guides_dir: str | os.PathLike = "data/guides") -> None:
-    """A guide drawn from landmarks that no detector looked for (``landmarks.passes: []``, what the
-    quick / cpu60 / bundled recipes set, since their model needs no guide) holds the same fixed face
-    for every image: training a guided model on it would be a silent lie, so it is an error."""
-    for kind in {spec.image, spec.guide} - {"gray48", None}:
-        path = Path(guides_dir) / f"{kind}.h5"
-        if path.is_file() and read_attrs(path).get("landmarks_passes", None) == []:
-            raise ValueError(f"guide '{kind}' was drawn without face detection (landmarks.passes is [], as "
-                             "in the quick/cpu60/bundled recipes): add -S 'landmarks.passes=[dlib,dlib_equalized,"
-                             "dlib_padded,mtcnn,haar,mmod]' (conf/config.yaml's default) to train a guided model")

@@ -22,12 +22,14 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ferpipe.data.augment import BatchAugment
+from ferpipe.data.tensors import TensorData, load_data
 from ferpipe.models import MODEL_SPECS, STN, build_model, load_weights, replace_head
+from ferpipe.models.checkpoint import save_checkpoint
+from ferpipe.models.inputs import InputSpec
 from ferpipe.live import live_curves
 from ferpipe.store import output_set, write_json
-from ferpipe.train.augment import BatchAugment
-from ferpipe.train.checkpoint import save_checkpoint
-from ferpipe.train.data import InputSpec, TensorData, channel_stats, load_data, preprocess_record
+from ferpipe.train.data import channel_stats, preprocess_record
 from ferpipe.train.loop import (FitConfig, Runtime, class_weights, fit, seed_everything, setup_runtime,
                                 teardown_runtime)
 

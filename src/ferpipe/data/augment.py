@@ -1,4 +1,5 @@
-"""Batched augmentation on tensors, on the training device: flip + small affine, one grid_sample.
+"""Batched augmentation on tensors, on the device: flip + small affine, one grid_sample. Training
+augments its batches with it, the evaluate stage its test-time augmentation (evaluate.tta).
 
 The image and its guide map are channels of ONE tensor [B, C, S, S], so a single
 ``affine_grid`` / ``grid_sample`` applies the SAME random transform to both (a guide map that
