@@ -1,4 +1,4 @@
-"""Stage guide@<kind>: one Guided-ST guide map per image from gray48 + landmarks (params: guides.<kind>).
+"""Stage guide_<kind>: one Guided-ST guide map per image from gray48 + landmarks (params: guides.<kind>).
 
 Reads the gray48 images and the 68-point landmarks (same ids, same order), writes one packed HDF5
 (images uint8 [N,S,S] = the guide map or collage, ids, found) and a contact sheet (faces with their

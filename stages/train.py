@@ -42,7 +42,7 @@ def parser():
     p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--split", default="data/split/split.csv", help="split stage output")
     p.add_argument("--gray48", default="data/gray48/images.h5", help="gray48 stage output")
-    p.add_argument("--guides", default="data/guides", help="folder of guide@<kind> outputs")
+    p.add_argument("--guides", default="data/guides", help="folder of the guide_<kind> stages' outputs")
     p.add_argument("--models", default="models", help="output folder for fold<k>.pt / final.pt")
     p.add_argument("--metrics", default="metrics/train.json", help="metrics JSON ('' for none)")
     p.add_argument("--live", default="dvclive/train", help="dvclive root, one folder per fold ('' for none)")

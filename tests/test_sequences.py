@@ -23,8 +23,7 @@ from ferpipe.models import build_model, count_params
 from ferpipe.models.checkpoint import load_checkpoint, save_checkpoint
 from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, prefix_length
 from ferpipe.sequences.features import FeatureError, run_features, sequence_order
-from ferpipe.sequences.models import (CBMCell, CBMNet, LSTMNet, build_sequence_model, init_encoder,
-                                      load_sequence_model)
+from ferpipe.models.sequence import CBMCell, CBMNet, LSTMNet, build_sequence_model, init_encoder, load_sequence_model
 from ferpipe.sequences.config import SequenceConfig
 from ferpipe.sequences.data import SequenceData, load_sequences, make_samples, sequence_folds
 from ferpipe.sequences.train import cross_validate
@@ -700,6 +699,13 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     assert len(pred) == 262 and pred.groupby("subject")["fold"].nunique().max() == 1
     model, info = load_sequence_model(w / "seq.pt")
     assert isinstance(model, LSTMNet) and model.lstm.hidden_size == 32 and info["meta"]["config"]["seed"] == 3
+    # one checkpoint format: the image checkpoints' keys; image code (recognize, features) refuses it by name
+    from ferpipe.models.checkpoint import CheckpointError, read_checkpoint_info
+    meta = read_checkpoint_info(w / "seq.pt")
+    assert meta["model"] == "lstm" and meta["num_classes"] == 7 and len(meta["classes"]) == 7
+    assert meta["model_kwargs"]["in_shape"] == list(model.in_shape) and meta["model_kwargs"]["hidden"] == 32
+    with pytest.raises(CheckpointError, match=r"a sequence model \('lstm', from train_sequence\)"):
+        load_checkpoint(w / "seq.pt")
     load_stage("train_sequence").main(["--test-only", "--model-in", str(w / "seq.pt"), "--features", str(w / "f.h5"),
                                        "--outputs", str(w / "test.h5"), "--metrics", str(w / "test.json")])
     t = read_h5(w / "test.h5")

@@ -43,7 +43,10 @@ from ferpipe.evaluate.run import predict_pixels, select_checkpoints
 from ferpipe.faces.detect import FaceDetector, align_face
 from ferpipe.guides.maps import DEFAULT_PARAMS, make_guide
 from ferpipe.models.checkpoint import CheckpointError, load_checkpoint
-from ferpipe.models.inputs import InputSpec
+from ferpipe.models.inputs import InputSpec, normalize, split_channels
+from ferpipe.models.sequence import load_sequence_model
+from ferpipe.sequences.features import LayerTap
+from ferpipe.store import read_attrs, read_h5
 
 BUNDLED = Path(__file__).resolve().parent / "weights" / "fer2013_vgg7.pt"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
@@ -479,16 +482,14 @@ class TrackLabeler:
     """
 
     def __init__(self, model_path, root: str | os.PathLike | None = None):
-        from ferpipe.sequences.models import load_sequence_model
-        from ferpipe.store import read_attrs, read_h5
 
         model_path = Path(model_path)
         if not model_path.is_file():
             raise RecognizeError(f"{model_path}: sequence model not found")
         try:
             self.model, info = load_sequence_model(model_path)
-        except Exception as e:
-            raise RecognizeError(f"{model_path}: not a train_sequence model ({str(e).splitlines()[0][:120]})") from None
+        except ValueError as e:  # CheckpointError included
+            raise RecognizeError(str(e).replace("--test-only", "--sequence-model")) from None
         meta = info.get("meta") or {}
         if meta.get("regression") or (meta.get("config") or {}).get("task") == "regress":
             raise RecognizeError(f"{model_path}: a regression sequence model; track labels need a classifier")
@@ -526,8 +527,6 @@ class TrackLabeler:
     @torch.no_grad()
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """Class probabilities [K] for one track's crops [T, ingest_size, ingest_size], in frame order."""
-        from ferpipe.sequences.features import LayerTap
-        from ferpipe.models.inputs import normalize, split_channels
 
         member = self.cnn.members[0]
         pixels = torch.from_numpy(self.cnn.model_inputs(crops)[0]).float().div_(255.0)

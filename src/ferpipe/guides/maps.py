@@ -247,7 +247,7 @@ def make_guide(kind: str, images: np.ndarray, landmarks: np.ndarray | None, **pa
 @writes("out_path", "sheet_path")
 def run_guide(kind: str, images_path: str, landmarks_path: str | None, out_path: str,
               sheet_path: str | None = None, **params) -> dict:
-    """Stage guide@<kind>: gray48 images + landmarks -> one packed guide artifact and a contact sheet.
+    """Stage guide_<kind>: gray48 images + landmarks -> one packed guide artifact and a contact sheet.
 
     Writes out_path atomically (images uint8 [N,S,S] = the map or collage, ids, found copied from the
     landmarks file; attrs stage="guide", kind, size and the params) and, if sheet_path, a contact

@@ -3,9 +3,9 @@
 ``MODEL_SPECS[name]`` says which packed artifacts training must load for that model:
 
 * ``image``: the image the network (and, for STNs, the sampler) sees: ``"gray48"`` (the gray48
-  stage), ``"patches"`` / ``"weighted"`` (the collage written by guide@patches / guide@weighted).
+  stage), ``"patches"`` / ``"weighted"`` (the collage written by the guide_patches / guide_weighted stages).
 * ``guide``: the guide map the localization net sees (``None``: no guide is passed). Guide kinds
-  are the names of the guide@<kind> stage outputs.
+  are the names of the guide_<kind> stages' outputs.
 * ``family``: ``deep_emotion`` | ``rmn`` | ``resnet`` | ``vgg`` | ``zoo``; ``stn_mode``: ``None`` |
   ``"original"`` | ``"guided"``; ``in_size``: the default input side.
 
@@ -46,6 +46,9 @@ def _spec(family: str, image: str = "gray48", guide: str | None = None,
           stn_mode: str | None = None, in_size: int = 48) -> dict[str, Any]:
     return {"family": family, "image": image, "guide": guide, "stn_mode": stn_mode, "in_size": in_size}
 
+
+# train_sequence's models (ferpipe.models.sequence; not built by build_model: they take frame sequences)
+SEQUENCE_MODELS = ("lstm", "cbm", "frame")
 
 MODEL_SPECS: dict[str, dict[str, Any]] = {
     "baseline": _spec("deep_emotion"),

@@ -1,7 +1,11 @@
 """Checkpoints: one .pt file that rebuilds its model without the code that trained it.
 
-Contents: {"model": registry name, "num_classes", "classes", "model_kwargs" (passed to build_model),
-"state_dict", "meta" (anything else: fold, epoch, val accuracy, params used)}. Written atomically.
+One format for every model ferpipe trains, images and sequences: {"model": registry name (an image
+model of ``MODEL_SPECS``, or a sequence model ``lstm`` | ``cbm`` | ``frame``), "num_classes" (the
+outputs: classes, or regression targets), "classes" (their names), "model_kwargs" (the constructor
+arguments; a sequence model's include ``in_shape``, its per-frame input [C, H, W]), "state_dict",
+"meta" (anything else: the input spec or statistics, fold, epoch, val accuracy, params used)}.
+Written atomically.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ferpipe.models import MODEL_SPECS, build_model
+from ferpipe.models import MODEL_SPECS, SEQUENCE_MODELS, build_model
 from ferpipe.store import write_torch
 
 
@@ -60,16 +64,27 @@ def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cp
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model from a checkpoint (eval mode); return (model, the payload without state_dict)."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    build=None) -> tuple[nn.Module, dict]:
+    """Rebuild the model from a checkpoint (eval mode); return (model, the payload without state_dict).
+
+    ``build(name, num_classes, **model_kwargs)`` constructs the untrained model: by default the image
+    registry's ``build_model``, and a sequence model's checkpoint is then an error that says so;
+    train_sequence's models load with ``ferpipe.sequences.train.load_sequence_model``. (Image code
+    never imports the sequence models: editing them reruns no image stage.)
+    """
     payload = read_payload(path, map_location)
     name, n = payload["model"], payload["num_classes"]
-    if name not in MODEL_SPECS:
-        raise CheckpointError(f"{path}: model {name!r} is not one this ferpipe knows ({', '.join(MODEL_SPECS)})")
+    if build is None:
+        if name in SEQUENCE_MODELS:
+            raise CheckpointError(f"{path}: a sequence model ('{name}', from train_sequence), not an image model")
+        if name not in MODEL_SPECS:
+            raise CheckpointError(f"{path}: model {name!r} is not one this ferpipe knows ({', '.join(MODEL_SPECS)})")
+        build = build_model
     if len(payload["classes"]) != int(n):
         raise CheckpointError(f"{path}: {len(payload['classes'])} class names for {n} classes")
     try:
-        model = build_model(name, n, **payload["model_kwargs"])
+        model = build(name, n, **payload["model_kwargs"])
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its weights do not fit a {name!r} model with {n} classes "

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ferpipe.sequences.anticipation import parse_first
-from ferpipe.sequences.models import KINDS
+from ferpipe.models.sequence import KINDS
 from ferpipe.train.loop import SELECT, FitConfig
 
 TASKS = ("classify", "regress")

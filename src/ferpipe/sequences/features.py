@@ -38,8 +38,12 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ferpipe.imaging import resize_batch
 from ferpipe.data.labels import class_list
+from ferpipe.guides.maps import make_guide
+from ferpipe.imaging import resize_batch
+from ferpipe.models import MODEL_SPECS, build_model
+from ferpipe.models.checkpoint import load_checkpoint, read_checkpoint_info
+from ferpipe.models.inputs import prepare_input
 from ferpipe.store import read_attrs, read_h5, write_h5, write_json, writes
 
 MODES = ("cnn", "images")
@@ -119,7 +123,6 @@ def resolve_checkpoint(path) -> Path:
         folds = sorted(path.glob("fold*.pt"), key=lambda p: (len(p.stem), p.stem))
         if not folds:
             raise FeatureError(f"{path}: no final.pt or fold<k>.pt (run the train stage first)")
-        from ferpipe.models.checkpoint import read_checkpoint_info
 
         def val_acc(p: Path) -> float:
             acc = (read_checkpoint_info(p).get("meta") or {}).get("val_acc")
@@ -148,8 +151,6 @@ def model_inputs(model_name: str, images: np.ndarray, guide: np.ndarray | None, 
     map. Both are made here from the frames' landmarks with the guides params, exactly as the guide
     stages make them for still images, unless a guide file was given.
     """
-    from ferpipe.guides.maps import make_guide
-    from ferpipe.models import MODEL_SPECS
     spec = MODEL_SPECS.get(model_name)
     if spec is None:
         return images, guide
@@ -171,12 +172,10 @@ def load_cnn(checkpoint=None, backbone: str | None = None, weights: str | None =
              num_classes: int = 1000) -> tuple[nn.Module, dict]:
     """A checkpoint of the training stage (load_checkpoint), or a registry backbone with a weights file."""
     if checkpoint:
-        from ferpipe.models.checkpoint import load_checkpoint
         model, info = load_checkpoint(checkpoint)
         return model.eval(), info
     if not backbone:
         raise FeatureError("features: give a checkpoint, or a backbone (e.g. resnet18) with a weights file")
-    from ferpipe.models import build_model
     kw = {"weights_path": weights} if weights else {}
     model = build_model(backbone, num_classes, **kw)
     return model.eval(), {"model": backbone, "weights": weights or "", "meta": {}}
@@ -248,7 +247,6 @@ def make_input(images: np.ndarray, guide: np.ndarray | None, meta: dict | None):
     without one gets uint8 / 255."""
     spec = (meta or {}).get("input")
     if spec:
-        from ferpipe.models.inputs import prepare_input
         return prepare_input(images, guide if spec.get("guide") else None, spec)
     return to_input(images), (to_input(guide) if guide is not None else None)
 

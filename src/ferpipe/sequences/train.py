@@ -42,7 +42,8 @@ from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, tr
 from ferpipe.sequences.config import SequenceConfig
 from ferpipe.sequences.data import (ClipAugment, SequenceBatches, SequenceData, Samples, load_sequences, make_samples,
                                     sequence_folds)
-from ferpipe.sequences.models import build_sequence_model, init_encoder, load_sequence_model, save_sequence_model
+from ferpipe.models.checkpoint import save_checkpoint
+from ferpipe.models.sequence import build_sequence_model, init_encoder, load_sequence_model
 from ferpipe.store import write_csv, write_h5, write_json, write_text, writes
 from ferpipe.train.loop import (CrossEntropy, MeanSquared, Runtime, class_weights, fit, seed_everything, setup_runtime,
                                 teardown_runtime)
@@ -284,8 +285,9 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
         metrics["skipped_sequences"] = cv["skipped"]
     if cfg.final:
         metrics["final"] = {k: final_info[k] for k in ("best_epoch", "epochs", "best_val_loss", "n_train", "n_val")}
-        save_sequence_model(model_out, model, cfg.model, cfg.model_kwargs(),
-                            meta={"config": asdict(cfg), "classes": data.classes, "regression": data.regression,
+        save_checkpoint(model_out, model, cfg.model, data.classes if data.task == "classify" else data.regression,
+                        {"in_shape": list(data.in_shape), **cfg.model_kwargs()},
+                        meta={"config": asdict(cfg), "classes": data.classes, "regression": data.regression,
                                   "label_mean": None if data.label_mean is None else data.label_mean.tolist(),
                                   "label_std": None if data.label_std is None else data.label_std.tolist(),
                                   "features": str(features_h5), "cv_mean": _round(cv["mean"]),
@@ -305,23 +307,6 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
     return {**metrics, "seconds": round(seconds, 2)}  # the time is returned and printed, not stored
 
 
-def _check_sequence_model(path) -> None:
-    """ValueError naming the file's kind when it is not a train_sequence model (e.g. the image
-    training stage's checkpoint, which has 'model' where a sequence model has 'kind')."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"sequence model {path} not found")
-    try:
-        info = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # not a torch file at all, or not one weights_only can read
-        raise ValueError(f"{path} is not a model file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if isinstance(info, dict) and {"kind", "in_shape", "num_outputs", "kwargs"} <= set(info):
-        return
-    what = (f"an image model checkpoint ('{info.get('model')}', from the train stage)"
-            if isinstance(info, dict) and "model" in info else "not a train_sequence model")
-    raise ValueError(f"{path} is {what}; --test-only needs a sequence model saved by train_sequence "
-                     "(--model-out, default data/sequences/model.pt)")
-
-
 @writes("out_h5", "metrics_path")
 def run_test_only(model_path, features_h5, out_h5, metrics_path=None) -> dict:
     """Apply a saved sequence model to a features file; write its outputs (LSTM-on-CNN --test-only).
@@ -330,14 +315,14 @@ def run_test_only(model_path, features_h5, out_h5, metrics_path=None) -> dict:
     (S, 1), label (S, 1) the target (-1 / NaN if none), seq_number int32 (S,), sequence_id (S,), and
     steps [S, T, K] (the output after each frame). Samples are built as the model was trained.
     """
-    _check_sequence_model(model_path)
     model, info = load_sequence_model(model_path)
     cfg = SequenceConfig(**{k: v for k, v in info["meta"]["config"].items() if k in {f.name for f in fields(SequenceConfig)}})
     data = load_sequences(features_h5, cfg.task)
     if cfg.task == "classify" and data.classes != info["meta"]["classes"]:
         raise ValueError(f"{features_h5}: classes {data.classes} differ from the model's {info['meta']['classes']}")
-    if tuple(data.in_shape) != tuple(info["in_shape"]):
-        raise ValueError(f"{features_h5}: frames {data.in_shape}, the model expects {tuple(info['in_shape'])}")
+    in_shape = tuple(info["model_kwargs"]["in_shape"])
+    if tuple(data.in_shape) != in_shape:
+        raise ValueError(f"{features_h5}: frames {data.in_shape}, the model expects {in_shape}")
     if info["meta"].get("input_mean") is not None:  # the model's training statistics, not the file's
         data = data.standardized_with(torch.tensor(info["meta"]["input_mean"], dtype=torch.float32),
                                       torch.tensor(info["meta"]["input_std"], dtype=torch.float32))

@@ -30,18 +30,18 @@ simple / simple_fc encoder from a Simple-CNN checkpoint.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ferpipe.models import SEQUENCE_MODELS
+from ferpipe.models.checkpoint import load_checkpoint, read_checkpoint_info
 from ferpipe.models.deep_emotion import SimpleCNN
 from ferpipe.models.vgg import CompactVGG
-from ferpipe.store import write_torch
 
-KINDS = ("lstm", "cbm", "frame")
+KINDS = SEQUENCE_MODELS
 ENCODERS = ("none", "simple", "simple_fc", "conv")
 
 
@@ -295,7 +295,7 @@ class FrameNet(_Base):
 
 
 # ---------------------------------------------------------------------------------------------
-# registry and checkpoints
+# registry (checkpoints: ferpipe.models.checkpoint, the image models' format)
 
 def init_encoder(model: nn.Module, checkpoint) -> list[str]:
     """Copy a registry Simple-CNN checkpoint's trunk (conv1..conv4, norm) into the model's ``simple``
@@ -328,20 +328,11 @@ def build_sequence_model(kind: str, in_shape, num_outputs: int, **kw) -> nn.Modu
     return _CLASSES[kind](tuple(in_shape), int(num_outputs), **kw)
 
 
-def save_sequence_model(path, model: nn.Module, kind: str, kwargs: dict, meta: dict | None = None) -> None:
-    """One .pt that rebuilds the model: kind, in_shape, num_outputs, kwargs, state_dict, meta."""
-    payload = {"kind": kind, "in_shape": list(model.in_shape), "num_outputs": model.num_outputs,
-               "kwargs": dict(kwargs), "meta": dict(meta or {}),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    write_torch(path, payload)
-
-
 def load_sequence_model(path) -> tuple[nn.Module, dict]:
-    """(model in eval mode, payload without the state_dict)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"sequence model {path} not found")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_sequence_model(payload["kind"], payload["in_shape"], payload["num_outputs"], **payload["kwargs"])
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
-    return model, {k: v for k, v in payload.items() if k != "state_dict"}
+    """A train_sequence model from its checkpoint (the one checkpoint format, ferpipe.models.checkpoint);
+    ValueError naming what the file is otherwise (e.g. the image training stage's checkpoint)."""
+    info = read_checkpoint_info(path)  # CheckpointError (a ValueError) names a file that is no checkpoint
+    if info["model"] not in KINDS:
+        raise ValueError(f"{path} is an image model checkpoint ('{info['model']}', from the train stage); --test-only "
+                         "needs a sequence model saved by train_sequence (--model-out, default data/sequences/model.pt)")
+    return load_checkpoint(path, build=lambda kind, n, in_shape, **kw: build_sequence_model(kind, in_shape, n, **kw))
