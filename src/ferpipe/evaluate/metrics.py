@@ -1,6 +1,7 @@
 """Classification metrics from predicted probabilities, and the predictions table.
 
-``classification_metrics(y, probs, classes)`` -> accuracy, macro_f1, balanced_accuracy (mean
+``classification_metrics(y, probs, classes)`` -> accuracy, macro_f1 (over the classes present in y
+or predicted), balanced_accuracy (mean
 per-class recall over the classes present in y), auc (binary ROC AUC, or one-vs-rest macro over the
 classes present with both outcomes), top2/top3 (only when there are more than 2/3 classes),
 per-class precision/recall/f1/support, n. ``regression_metrics`` -> mse and Pearson r per target and
@@ -31,7 +32,9 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str])
     out = {
         "n": int(len(y)),
         "accuracy": float((pred == y).mean()),
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        # over the classes in y or predicted: a class absent from a (sequence) fold's test rows and never
+        # predicted there would otherwise count as F1 0 and pull the fold's mean down
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "auc": auc_score(y, probs),
     }
