@@ -74,6 +74,12 @@ def test_recipe_values():
     assert p["bundled"]["train"]["max_epochs"] == 60 and p["bundled"]["evaluate"]["tta"] == 10
     assert p["bundled"]["train"]["model_kwargs"] == {"width": 24}
     assert p["quick"]["train"]["max_epochs"] <= 3
+    rmn = yaml.safe_load(compose_params(CONF, ["recipe=rmn"]))  # their configs/fer2013_config.json
+    t = rmn["train"]
+    assert (rmn["model"], rmn["task"], t["optimizer"], t["lr"], t["weight_decay"], t["batch_size"], t["max_epochs"],
+            t["lr_schedule"], t["plateau_patience"], t["patience"], t["class_weights"], t["model_kwargs"]["in_size"],
+            t["augment"]["degrees"], t["augment"]["hflip"]) == (
+        "rmn", "classes", "radam", 1e-4, 1e-3, 48, 50, "plateau", 2, 9, False, 224, 30, 0.5)
     # the default is the paper recipe; a recipe never changes where the data is
     default = yaml.safe_load(compose_params(CONF))
     assert default == p["paper"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ferpipe.data.augment import BatchAugment
-from ferpipe.data.tensors import load_data, read_split
+from ferpipe.data.tensors import TensorData, load_data, read_split
 from ferpipe.models import build_model, get_head
 from ferpipe.models.checkpoint import load_checkpoint, save_checkpoint
 from ferpipe.models.inputs import InputSpec, prepare_input
@@ -62,6 +62,19 @@ def make_artifacts(root: Path, n_train: int = 90, n_test: int = 30, folds: int =
 @pytest.fixture
 def art(tmp_path):
     return make_artifacts(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def faces(fer_dir) -> TensorData:
+    """Real FER-2013 training faces: 60 each of angry, happy, surprise, in 3 folds (every row split train)."""
+    import cv2
+    images, targets = [], []
+    for c, name in enumerate(("angry", "happy", "surprise")):
+        files = sorted((fer_dir / "train" / name).iterdir())[:60]
+        images += [cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in files]
+        targets += [c] * len(files)
+    table = pd.DataFrame({"target": targets, "fold": np.arange(len(targets)) % 3, "split": "train"})
+    return TensorData(np.stack(images)[:, None], table, ["angry", "happy", "surprise"], InputSpec(mean=[0.5], std=[0.25]))
 
 
 def params(model="baseline", **train):
@@ -281,6 +294,33 @@ def test_balanced_selection_holds_with_a_live_logger(art):
     assert {n for _, n, _ in live.logged} >= {"val/bal_acc", "val/acc", "train/loss"}
 
 
+def test_rmn_optimizer_and_plateau_schedule_on_real_faces(faces):
+    """RMN's recipe pieces in the one loop, on real FER-2013 faces: RAdam, and a rate 10x lower after
+    `plateau_patience` epochs without a validation gain (a constant rate otherwise, never below 1e-6)."""
+    from ferpipe.train.loop import Plateau, make_optimizer
+    net = build_model("baseline", 3)
+    groups = [{"params": list(net.parameters())}]
+    assert [type(make_optimizer(n, groups, 1e-3)).__name__ for n in ("adam", "radam", "sgd")] == ["Adam", "RAdam", "SGD"]
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        make_optimizer("lamb", groups, 1e-3)
+    p = Plateau(patience=1, higher=True)
+    for value in (0.5, 0.6, 0.6, 0.59, 0.7, 0.7, 0.7, 0.7):
+        p.step(value, 1e-4)
+    assert p.scale == pytest.approx(1e-2) and p.best == 0.7   # two drops: after 0.6 0.59, after 0.7 0.7
+    for _ in range(20):
+        p.step(0.1, 1e-4)
+    assert p.scale * 1e-4 == pytest.approx(1e-6)              # min_lr
+    seed_everything(0)
+    cfg = FitConfig(max_epochs=6, patience=0, batch_size=16, lr=1e-3, optimizer="radam", lr_schedule="plateau",
+                    plateau_patience=0, select="accuracy", log_every=0, progress=False)
+    res = fit(build_model("baseline", 3), faces, faces.train_rows(exclude_fold=0), faces.val_rows(0), cfg, CPU1)
+    lrs, acc = [h["lr"] for h in res.history], [h["val_acc"] for h in res.history]
+    for i in range(1, len(acc)):   # patience 0: every epoch without a new best lowers the rate 10x
+        gained = acc[i] > max(acc[:i]) * (1 + 1e-4)
+        assert lrs[i] == pytest.approx(lrs[i - 1] if gained else max(lrs[i - 1] / 10, 1e-6)), (acc, lrs)
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < 1e-3   # the slice's accuracy stalls within 6 epochs
+
+
 def test_balanced_selection_waits_for_a_model_better_than_a_constant_answer(art):
     """A model that answers one class for everything (lr 0, zero last layer: balanced accuracy exactly
     1/classes) is not early-stopped under balanced selection, it gets max_epochs to learn; accuracy
@@ -302,12 +342,12 @@ def test_balanced_selection_waits_for_a_model_better_than_a_constant_answer(art)
 
 
 @pytest.mark.parametrize("name", ["baseline", "original", "vgg"])
-def test_channels_last_training_matches_nchw(art, name):
-    """train.channels_last (the default) is a memory layout, not another model: on a real batch the loss and
+def test_channels_last_training_matches_nchw(faces, name):
+    """train.channels_last (the default) is a memory layout, not another model: on a batch of real faces the loss and
     every gradient equal NCHW's up to float rounding (Adam's first steps then amplify that rounding, so whole
     runs differ in the last digits of their metrics, not in what they learn), and fit keeps the conv
     weights NHWC."""
-    data = load_data(art["split"], name, gray48=art["gray48"], guides_dir=art["guides"])
+    data = faces
     tr = data.train_rows(exclude_fold=0)
     image, guide, y = data.batch(tr[:32])
     grads = {}

@@ -134,7 +134,9 @@ class FitConfig:
     eval_batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.0
-    lr_schedule: str = "constant"     # constant (Guided-ST) | cosine (per batch, to 0 at max_epochs)
+    optimizer: str = "adam"           # adam (Guided-ST) | radam (RMN) | sgd
+    lr_schedule: str = "constant"     # constant (Guided-ST) | cosine (per batch, to 0 at max_epochs) | plateau (RMN)
+    plateau_patience: int = 2         # plateau: epochs without a gain before the rate drops 10x (RMN: 2)
     localization_lr: float = 1.0      # STN localization net's rate as a fraction of lr (1 = Guided-ST)
     localization_warmup: float = 1.0  # epochs over which the localization net's rate ramps up from 0 (0 = none)
     select: str = "balanced_accuracy"  # the validation figure that picks the best epoch: balanced_accuracy | accuracy | loss
@@ -280,7 +282,43 @@ def train_batches(rows: torch.Tensor, batch_size: int, generator: torch.Generato
     return batches
 
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+OPTIMIZERS = ("adam", "radam", "sgd")
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The optimizers ferpipe trains with, by name: adam (Guided-ST, LSTM-on-CNN), radam (Residual Masking
+    Network), sgd (momentum 0.9, nesterov). `groups` from ``param_groups``."""
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "radam":
+        return torch.optim.RAdam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+
+
+class Plateau:
+    """ReduceLROnPlateau on the figure that selects the best epoch (RMN's schedule): the rate is multiplied by
+    `factor` after `patience` epochs without a gain (relative 1e-4, as torch's), never below `min_lr`."""
+
+    def __init__(self, patience: int = 2, higher: bool = True, factor: float = 0.1, min_lr: float = 1e-6):
+        if patience < 0:
+            raise ValueError(f"plateau_patience must be >= 0, got {patience}")
+        self.patience, self.higher, self.factor, self.min_lr = int(patience), higher, factor, min_lr
+        self.scale, self.best, self.bad = 1.0, None, 0
+
+    def step(self, value: float, base_lr: float) -> None:
+        if math.isnan(value):
+            return
+        better = self.best is None or (value > self.best * (1 + 1e-4) if self.higher else value < self.best * (1 - 1e-4))
+        if better:
+            self.best, self.bad = value, 0
+            return
+        self.bad += 1
+        if self.bad > self.patience:
+            self.scale = max(self.scale * self.factor, self.min_lr / base_lr)
+            self.bad = 0
 
 
 def param_groups(net: nn.Module, localization_lr: float = 1.0, own_group: bool = False) -> list[dict]:
@@ -307,9 +345,9 @@ def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> 
 
     ``cosine`` anneals from ``base_lr`` to 0 over the whole ``max_epochs`` budget (per batch), so a
     short CPU budget still ends at a small rate instead of stopping mid-oscillation; early stopping
-    still picks the best validation epoch.
+    still picks the best validation epoch. ``plateau``: ``base_lr`` here, times ``Plateau.scale``.
     """
-    if schedule == "constant":
+    if schedule in ("constant", "plateau"):
         return base_lr
     if schedule == "cosine":
         return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
@@ -339,14 +377,16 @@ def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor
     objective.to(rt.device)
     if cfg.localization_warmup < 0:
         raise ValueError(f"localization_warmup must be >= 0 epochs, got {cfg.localization_warmup}")
-    optimizer = torch.optim.Adam(param_groups(net, cfg.localization_lr, own_group=cfg.localization_warmup > 0),
-                                 lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, param_groups(net, cfg.localization_lr, own_group=cfg.localization_warmup > 0),
+                               cfg.lr, cfg.weight_decay)
     scheduled_lr(cfg.lr, cfg.lr_schedule, 0, 1)  # an unknown schedule fails before the first epoch
     if cfg.select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}, got {cfg.select!r}")
     key, higher = SELECT[cfg.select]
     if not objective.classify and key != "val_loss":
         raise ValueError(f"select {cfg.select!r} needs classes; a regression selects by loss")
+    # plateau: watches the selecting figure, or the training loss when there is no validation
+    plateau = Plateau(cfg.plateau_patience, higher if has_val else False) if cfg.lr_schedule == "plateau" else None
     # compiled once per fit; the validation pass stays eager (no second graph for eval mode)
     step_model = torch.compile(model) if cfg.compile else model
     step = 0
@@ -374,7 +414,7 @@ def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor
         total_steps = int(cfg.max_epochs) * len(batches)
         warm_steps = cfg.localization_warmup * len(batches)
         for idx in batches:
-            rate = scheduled_lr(cfg.lr, cfg.lr_schedule, step, total_steps)
+            rate = scheduled_lr(cfg.lr, cfg.lr_schedule, step, total_steps) * (plateau.scale if plateau else 1.0)
             warm = min(1.0, (step + 1) / warm_steps) if warm_steps > 0 else 1.0
             for group in optimizer.param_groups:
                 group["lr"] = group["lr_scale"] * rate * (warm if group["localization"] else 1.0)
@@ -412,6 +452,9 @@ def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor
         if has_val:
             row["val_loss"], row["val_acc"], row["val_bal_acc"] = evaluate_rows(model, data, val_rows, objective,
                                                                                  rt, cfg.eval_batch_size)
+        if plateau is not None:
+            plateau.step(row[key] if has_val else row["train_loss"], cfg.lr)
+            row["lr"] = cfg.lr * plateau.scale
         best.history.append(row)
         improved = (not has_val) or best.best_score is None or (
             row[key] > best.best_score if higher else row[key] < best.best_score)

@@ -35,7 +35,7 @@ from ferpipe.train.loop import (FitConfig, Runtime, class_weights, fit, seed_eve
 
 DEFAULTS = {
     "seed": 2020, "folds": "all", "final": False, "max_epochs": 500, "patience": 30, "batch_size": 128,
-    "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "lr_schedule": "constant", "localization_lr": 1.0, "localization_warmup": 1.0, "stn_bound": 0.0, "select": "balanced_accuracy",
+    "eval_batch_size": 512, "lr": 1e-3, "weight_decay": 0.0, "optimizer": "adam", "lr_schedule": "constant", "plateau_patience": 2, "localization_lr": 1.0, "localization_warmup": 1.0, "stn_bound": 0.0, "select": "balanced_accuracy",
     "class_weights": True, "label_smoothing": 0.0, "standardize": True, "channels_last": True, "compile": False,
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
@@ -165,7 +165,8 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
     augment = BatchAugment.from_params(prm["augment"], seed=seed * 1009 + rt.rank)
     cfg = FitConfig(max_epochs=max_epochs, patience=prm["patience"], batch_size=prm["batch_size"],
                     eval_batch_size=prm["eval_batch_size"], lr=prm["lr"], weight_decay=prm["weight_decay"],
-                    lr_schedule=prm["lr_schedule"], localization_lr=float(prm["localization_lr"]),
+                    optimizer=prm["optimizer"], lr_schedule=prm["lr_schedule"], plateau_patience=int(prm["plateau_patience"]),
+                    localization_lr=float(prm["localization_lr"]),
                     localization_warmup=float(prm["localization_warmup"]), select=prm["select"],
                     label_smoothing=float(prm["label_smoothing"]), channels_last=bool(prm["channels_last"]), compile=bool(prm["compile"]), seed=seed,
                     progress=prm["progress"], log_every=prm["log_every"])
