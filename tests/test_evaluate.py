@@ -155,3 +155,15 @@ def test_evaluate_stage_help_and_missing_models(tmp_path):
     assert res.returncode == 0 and "test split" in res.stdout
     with pytest.raises(FileNotFoundError, match="run the train stage"):
         select_checkpoints(tmp_path)
+
+
+def test_ten_crops_are_the_corners_the_centre_and_their_mirrors():
+    from ferpipe.evaluate.run import resolve_params, ten_crops
+    x = torch.arange(2 * 10 * 10, dtype=torch.float32).view(2, 1, 10, 10)
+    views = ten_crops(x)                      # 90% of 10 px: 9 px crops
+    assert len(views) == 10 and all(v.shape == (2, 1, 9, 9) for v in views)
+    assert torch.equal(views[0], x[..., :9, :9]) and torch.equal(views[3], x[..., 1:, 1:])
+    assert torch.equal(views[4], x[..., 0:9, 0:9])  # centre: offset (10 - 9) // 2 = 0
+    assert all(torch.equal(views[i + 5], views[i].flip(-1)) for i in range(5))
+    with pytest.raises(ValueError, match="tta_mode must be one of random, tencrop"):
+        resolve_params({"tta_mode": "fivecrop"})

@@ -187,12 +187,13 @@ def fer_run(fer_dir, tmp_path_factory):
                                   "--models", str(out / "models"), "--metrics", "", "--live", "",
                                   "-S", "folds=[0]", "-S", "max_epochs=1", "-S", "threads=1", "-S", "log_every=0",
                                   "-S", "progress=false", *extra])
-        for tta in (0, 2):
+        for tta in (0, 2, "tencrop"):
+            setting = ["-S", "tta_mode=tencrop"] if tta == "tencrop" else ["-S", f"tta={tta}"]
             load_stage("evaluate").main(["--params", params, "--models", str(out / "models"),
                                          "--split", f"{d}/split/split.csv", "--gray48", f"{d}/gray48/images.h5",
                                          "--guides", f"{d}/guides", "--metrics", "",
                                          "--predictions", str(out / f"pred{tta}.csv"), "--confusion", "",
-                                         "--errors", "", "--results", "", "-S", f"tta={tta}", "-S", "threads=1"])
+                                         "--errors", "", "--results", "", *setting, "-S", "threads=1"])
         runs[model] = out
     split = pd.read_csv(f"{d}/split/split.csv", keep_default_na=False)
     manifest = pd.read_csv(f"{d}/ingest/manifest.csv", keep_default_na=False)
@@ -202,14 +203,15 @@ def fer_run(fer_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["vgg", "soft"])
-@pytest.mark.parametrize("tta", [0, 2])
+@pytest.mark.parametrize("tta", [0, 2, "tencrop"])
 def test_probabilities_equal_the_evaluate_stage(fer_run, model, tta):
     """The checkpoint's meta decides every preprocessing step: on the same PublicTest images the API
     gives the evaluate stage's probabilities (a guided model's map made from the landmark cascade)."""
     runs, test_paths = fer_run
     want = pd.read_csv(runs[model] / f"pred{tta}.csv")
     classes = [c[5:] for c in want.columns if c.startswith("prob_")]
-    rec = Recognizer(runs[model] / "models", tta=tta, batch_size=512)
+    rec = (Recognizer(runs[model] / "models", tta_mode="tencrop", batch_size=512) if tta == "tencrop" else
+           Recognizer(runs[model] / "models", tta=tta, batch_size=512))
     assert rec.classes == classes
     if model == "soft":
         assert rec.members[0].preprocess["landmarks"]["size"] == 96
@@ -217,6 +219,9 @@ def test_probabilities_equal_the_evaluate_stage(fer_run, model, tta):
     got = rec.recognize_batch(test_paths, crops=True)
     assert len(got) == len(want)
     assert np.abs(got[classes].to_numpy() - want[[f"prob_{c}" for c in classes]].to_numpy()).max() < 1e-5
+    if tta == "tencrop":  # another prediction than the plain one
+        plain = pd.read_csv(runs[model] / "pred0.csv")
+        assert np.abs(plain[[f"prob_{c}" for c in classes]].to_numpy() - want[[f"prob_{c}" for c in classes]].to_numpy()).max() > 1e-4
 
 
 def test_loading_models_and_their_errors(fer_run, tmp_path):

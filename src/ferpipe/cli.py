@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--annotate", metavar="DIR", help="write annotated images (PNG) and videos (MP4) here")
     r.add_argument("--crops", action="store_true", help="each image is one already-cropped face (FER-style): no detector")
     r.add_argument("--tta", type=int, default=0, help="test-time augmentation copies averaged with the plain prediction")
+    r.add_argument("--tencrop", action="store_true", help="test-time augmentation: the ten crops (corners, centre, mirrors)")
     r.add_argument("--every", type=int, default=1, help="videos: every Nth frame")
     r.add_argument("--max-frames", type=int, default=None, help="videos: at most this many kept frames")
     r.add_argument("--sequence-model", metavar="MODEL_PT", help="videos: train_sequence's model.pt, applied to each "
@@ -74,7 +75,7 @@ def _recognize(a) -> int:
         raise UsageError("--every, --batch-size and --max-frames must be >= 1, --tta >= 0")
     models = a.models or ["bundled"]
     fer = Recognizer(models if len(models) > 1 else models[0], tta=a.tta, batch_size=a.batch_size,
-                     margin=a.margin, threads=a.threads)
+                     margin=a.margin, threads=a.threads, tta_mode="tencrop" if a.tencrop else "random")
     inputs, missing = expand_inputs(a.paths)
     failures = list(missing)
     labeler = TrackLabeler(a.sequence_model) if a.sequence_model else None

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from ferpipe.data.decode import ImageError, decode_gray
 from ferpipe.imaging import resize, resize_batch
-from ferpipe.evaluate.run import predict_pixels, select_checkpoints
+from ferpipe.evaluate.run import TTA_MODES, predict_pixels, select_checkpoints
 from ferpipe.faces.detect import FaceDetector, align_face
 from ferpipe.guides.maps import DEFAULT_PARAMS, make_guide
 from ferpipe.models.checkpoint import CheckpointError, load_checkpoint
@@ -233,14 +233,14 @@ class Recognizer:
     """Apply one model (or an ensemble) to photos, crops and videos; see the module docstring.
 
     ``tta``: test-time augmentation copies averaged with the plain prediction (evaluate.tta's flip and
-    small affine, ``tta_augment``, seeded by ``seed``); ``margin`` > 1 shows the model more around each
+    small affine, ``tta_augment``, seeded by ``seed``), or ``tta_mode="tencrop"``: the ten crops averaged; ``margin`` > 1 shows the model more around each
     face than the FER-2013 framing (default: the margin of the ingest face crop the model was trained
     on, else 1); ``detector`` a FaceDetector (its passes and thresholds).
     """
 
     def __init__(self, model=None, tta: int = 0, tta_augment: dict | None = None, seed: int = 2020,
                  batch_size: int = 256, device: str = "cpu", detector: FaceDetector | None = None,
-                 margin: float | None = None, threads: int = 0):
+                 margin: float | None = None, threads: int = 0, tta_mode: str = "random"):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device)
@@ -250,6 +250,9 @@ class Recognizer:
         self.tta_augment = tta_augment or {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05}
         if self.tta < 0 or self.batch_size < 1:
             raise RecognizeError("tta must be >= 0 and batch_size >= 1")
+        if tta_mode not in TTA_MODES:
+            raise RecognizeError(f"tta_mode must be one of {', '.join(TTA_MODES)}, got {tta_mode!r}")
+        self.tta_mode = tta_mode
         self._detector = detector
         pre = self.members[0].preprocess
         # a model trained on ingest's face crops sees faces cut with that margin; else FER-2013's framing
@@ -301,7 +304,7 @@ class Recognizer:
         probs = np.zeros((len(crops), len(self.classes)))
         for m, pixels in zip(self.members, self.model_inputs(crops)):
             probs += predict_pixels(m.model, torch.from_numpy(pixels).to(self.device), m.spec, self.tta,
-                                    self.tta_augment, self.seed, self.batch_size)
+                                    self.tta_augment, self.seed, self.batch_size, self.tta_mode)
         return probs / len(self.members)
 
     # -- faces in one gray image ---------------------------------------------------------------

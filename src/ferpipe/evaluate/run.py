@@ -9,7 +9,9 @@ no part in training or model selection. The model evaluated (``evaluate.members`
 
 ``eval.json`` says which (``members``, ``checkpoints``). Test-time augmentation
 (``evaluate.tta: N``): N augmented copies of each image (flip / small affine from
-``evaluate.tta_augment``, seeded) whose softmax is averaged with the plain prediction's.
+``evaluate.tta_augment``, seeded) whose softmax is averaged with the plain prediction's; or, with
+``evaluate.tta_mode: tencrop``, the classic deterministic ten crops (the four corners and the centre
+at 90% of the side, and their mirror images, each resized to the model's input) averaged.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from ferpipe.models.inputs import InputSpec, normalize, split_channels
 from ferpipe.store import settle, write_csv, write_json, write_text, writes
 
 DEFAULTS = {
-    "members": "auto", "tta": 0, "tta_augment": {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05},
+    "members": "auto", "tta": 0, "tta_mode": "random", "tta_augment": {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05},
     "seed": 2020, "batch_size": 512, "errors": 36, "device": "auto", "threads": 0,
 }
 
@@ -45,7 +47,21 @@ def resolve_params(prm: dict | None) -> dict:
         raise ValueError(f"evaluate.members must be auto, final or folds, got {out['members']!r}")
     if int(out["tta"]) < 0:
         raise ValueError("evaluate.tta must be >= 0")
+    if out["tta_mode"] not in TTA_MODES:
+        raise ValueError(f"evaluate.tta_mode must be one of {', '.join(TTA_MODES)}, got {out['tta_mode']!r}")
     return out
+
+
+TTA_MODES = ("random", "tencrop")
+
+
+def ten_crops(x: torch.Tensor, share: float = 0.9) -> list[torch.Tensor]:
+    """The ten-crop views of a batch [B, C, S, S]: corners and centre at `share` of the side, and mirrors."""
+    s = x.shape[-1]
+    c = max(1, int(round(share * s)))
+    m = (s - c) // 2
+    crops = [x[..., :c, :c], x[..., :c, s - c:], x[..., s - c:, :c], x[..., s - c:, s - c:], x[..., m:m + c, m:m + c]]
+    return crops + [v.flip(-1) for v in crops]
 
 
 _FOLD_FILE = re.compile(r"^fold(\d+)\.pt$")
@@ -77,15 +93,22 @@ def select_checkpoints(models_dir: str | os.PathLike, members: str = "auto") -> 
 
 @torch.no_grad()
 def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, spec: InputSpec, tta: int = 0,
-                   tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512) -> np.ndarray:
+                   tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512,
+                   tta_mode: str = "random") -> np.ndarray:
     """Softmax probabilities [N, C] of uint8 pixels [N, C, S, S] (on the model's device), in batches of
     `batch_size`; with tta > 0 averaged over the plain + tta augmented copies (one seeded stream, so the
-    same pixels in the same order and batches give the same numbers: evaluate and ferpipe.recognize)."""
+    same pixels in the same order and batches give the same numbers: evaluate and ferpipe.recognize);
+    tta_mode tencrop: averaged over the ten crops (``ten_crops``; `tta` is not used)."""
     model.eval()
-    aug = BatchAugment.from_params(tta_augment, seed=seed) if tta else None
+    aug = BatchAugment.from_params(tta_augment, seed=seed) if tta and tta_mode == "random" else None
     out = []
     for chunk in pixels.split(batch_size):
         x = chunk.float().div_(255.0)
+        if tta_mode == "tencrop":
+            views = ten_crops(x)
+            p = sum(torch.softmax(model(*split_channels(normalize(v, spec))).float(), 1) for v in views)
+            out.append((p / len(views)).cpu())
+            continue
         p = torch.softmax(model(*split_channels(normalize(x, spec))).float(), 1)
         for _ in range(int(tta)):
             p += torch.softmax(model(*split_channels(normalize(aug(x), spec))).float(), 1)
@@ -94,11 +117,11 @@ def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, spec: InputSpec
 
 
 def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: InputSpec, tta: int = 0,
-            tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512) -> np.ndarray:
+            tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512, tta_mode: str = "random") -> np.ndarray:
     """Softmax probabilities [len(rows), C] of the rows of `data` (``predict_pixels``)."""
     if len(rows) == 0:
         return np.zeros((0, len(data.classes)))
-    return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size)
+    return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size, tta_mode)
 
 
 @writes("metrics_path", "predictions_path", "confusion_path", "errors_path", "results_path")
@@ -137,17 +160,18 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
     for model, info in loaded:
         spec = InputSpec.from_dict(info["meta"].get("input"))
         probs += predict(model.to(device), data, rows, spec, prm["tta"], prm["tta_augment"], prm["seed"],
-                         prm["batch_size"])
+                         prm["batch_size"], prm["tta_mode"])
     probs /= len(loaded)
     y = data.targets[rows].cpu().numpy()
     metrics = classification_metrics(y, probs, classes)
-    header = {"model": name, "members": kind, "checkpoints": [p.name for p in paths], "tta": int(prm["tta"]),
+    header = {"model": name, "members": kind, "checkpoints": [p.name for p in paths],
+              "tta": "tencrop" if prm["tta_mode"] == "tencrop" else int(prm["tta"]),
               "classes": classes, "split": "test"}
     metrics = {**header, **metrics}
     table = data.table.iloc[rows.cpu().numpy()]
     if predictions_path:
         write_csv(predictions_path, predictions_table(table["id"], y, probs, classes))
-    title = f"{name} ({kind}{', tta ' + str(prm['tta']) if prm['tta'] else ''}) test acc {metrics['accuracy']:.4f}"
+    title = f"{name} ({kind}{', tta ' + str(header['tta']) if header['tta'] else ''}) test acc {metrics['accuracy']:.4f}"
     if confusion_path:
         confusion_png(confusion_path, confusion(y, probs.argmax(1), len(classes)), classes, title)
     if errors_path:
