@@ -12,6 +12,13 @@ metrics: metrics/eval.json (accuracy, macro_f1, balanced_accuracy, top2/top3 whe
 per-class precision/recall/f1, n), plots/eval/predictions.csv (id, actual, predicted, correct,
 confidence, prob_<class>; a DVC confusion plot), plots/eval/confusion.png (counts and row-normalized)
 and plots/eval/errors.png (the most confident wrong predictions, true / predicted).
+A valence/arousal model (task valence_arousal) writes the same paths with regression content:
+results.json test_rmse, test_ccc (means over valence and arousal) and the folds' val_loss_mean/std;
+eval.json rmse, pearson, ccc, mse per target (rmse_valence, ...), sagr_valence (sign agreement) and
+their means; predictions.csv id, actual_valence, actual_arousal, predicted_valence, predicted_arousal
+(DVC's confusion template cannot draw it); --confusion's path holds the predicted-vs-true scatter
+per target (there is no confusion matrix; the path stays the one dvc.yaml declares) and --errors' the
+rows predicted farthest from the truth.
 Example: python stages/evaluate.py -S tta=8 --metrics metrics/eval_tta.json
 Compare runs: dvc exp show --only-changed; dvc metrics diff --targets metrics/eval.json; dvc plots diff; ensembles of runs: python stages/ensemble.py --help
 """
@@ -43,7 +50,8 @@ def parser():
     p.add_argument("--train-metrics", default="metrics/train.json",
                    help="the train stage's metrics, for the summary's validation figures (none when absent)")
     p.add_argument("--predictions", default="plots/eval/predictions.csv", help="predictions CSV ('' for none)")
-    p.add_argument("--confusion", default="plots/eval/confusion.png", help="confusion PNG ('' for none)")
+    p.add_argument("--confusion", default="plots/eval/confusion.png",
+                   help="confusion PNG; a valence/arousal model's predicted-vs-true scatter ('' for none)")
     p.add_argument("--errors", default="plots/eval/errors.png", help="worst-errors sheet PNG ('' for none)")
     add_override_option(p, "evaluate param", "tta=4")
     return p
@@ -56,7 +64,8 @@ def main(argv=None):
     params["evaluate"] = overridden(p, params.get("evaluate"), a.set)
     m = run_evaluate(params, a.models, a.split, a.gray48, a.guides, a.metrics or None, a.predictions or None,
                      a.confusion or None, a.errors or None, a.results or None, a.train_metrics or None)
-    keys = ("model", "members", "tta", "n", "accuracy", "macro_f1", "balanced_accuracy", "top2", "top3")
+    keys = ("model", "members", "tta", "n", "accuracy", "macro_f1", "balanced_accuracy", "top2", "top3",
+            "rmse", "ccc", "pearson", "sagr_valence")
     print(yaml.safe_dump({k: m[k] for k in keys if k in m}, sort_keys=False).rstrip())
 
 

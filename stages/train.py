@@ -12,6 +12,9 @@ Runs on CUDA with mixed precision when present, else CPU (train.threads, 0 = eve
 Several processes (DDP; gloo on CPU, nccl on GPU), only rank 0 writing:
   torchrun --nproc_per_node 2 stages/train.py
 Transfer learning: -S init_from=path/to/other/final.pt (head replaced if the classes differ).
+Valence/arousal (a split of task valence_arousal): 2 outputs, targets standardized with the training
+rows' mean/std (kept in the checkpoint), train.loss auto|mse or ccc (1 - concordance correlation),
+epochs selected by validation loss (needs -S select=loss); train.json then has val_loss per fold.
 A fold whose best model is no better than always answering the most common class is at chance: a
 WARNING line, at_chance in its metrics and runs_at_chance in metrics/results.json.
 Examples:

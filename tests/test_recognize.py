@@ -184,7 +184,7 @@ def fer_run(fer_dir, tmp_path_factory):
         extra = ["-S", "model_kwargs={width: 4}"] if model == "vgg" else []
         load_stage("train").main(["--params", params, "--model", model, "--split", f"{d}/split/split.csv",
                                   "--gray48", f"{d}/gray48/images.h5", "--guides", f"{d}/guides",
-                                  "--models", str(out / "models"), "--metrics", "", "--live", "",
+                                  "--models", str(out / "models"), "--metrics", "", "--live", "", "--curves", "",
                                   "-S", "folds=[0]", "-S", "max_epochs=1", "-S", "threads=1", "-S", "log_every=0",
                                   "-S", "progress=false", *extra])
         for tta in (0, 2, "tencrop"):

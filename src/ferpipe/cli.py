@@ -91,7 +91,7 @@ def _recognize(a) -> int:
             failures.append((res.input, res.reason))
         elif annotate:
             cv2.imwrite(str(annotate / (_safe_name(res.input) + ".png")), draw(res.input, res))
-    tables.append(results_table(results, fer.classes))
+    tables.append(results_table(results, fer.classes, fer.regression))
     for video in videos:
         if a.crops:
             failures.append((str(video), "--crops takes images, not videos"))
@@ -99,7 +99,7 @@ def _recognize(a) -> int:
         try:
             frames = list(fer.video_results(video, a.every, a.max_frames, progress=not a.quiet,
                                             keep_crops=labeler is not None))
-            table = results_table(frames, fer.classes)
+            table = results_table(frames, fer.classes, fer.regression)
             if labeler:
                 table = label_tracks(table, frames, labeler)
         except ValueError as err:
@@ -109,7 +109,7 @@ def _recognize(a) -> int:
             _annotate_video(video, frames, annotate / (_safe_name(video) + ".mp4"), a.every)
         tables.append(table)
     table = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \
-        else results_table([], fer.classes)
+        else results_table([], fer.classes, fer.regression)
     _write_table(table, a.out, fer.classes)
     for path, reason in failures:
         print(f"ferpipe: {path}: {reason}", file=sys.stderr)
@@ -134,11 +134,14 @@ def _write_table(table, out: str | None, classes: list[str]) -> None:
             raise UsageError(f"--out {out}: use a .csv or .json name")
         print(f"ferpipe: {len(table)} rows -> {out}", file=sys.stderr)
         return
-    short = table[["input", "frame", "face_id", "label", "probability", "reason"]].copy()
-    short["probability"] = short["probability"].round(3)
+    # a classifier's label and probability, or a valence/arousal model's values
+    answer = ["label", "probability"] if "label" in table else list(classes)
+    numbers = ["probability"] if "label" in table else list(classes)
+    short = table[["input", "frame", "face_id", *answer, "reason"]].copy()
+    short[numbers] = short[numbers].round(3)
     with_frames = (table["frame"] != 0).any()
     print(short.to_string(index=False, columns=None if with_frames else
-                          ["input", "face_id", "label", "probability", "reason"]))
+                          ["input", "face_id", *answer, "reason"]))
 
 
 def _annotate_video(video, frames, out: Path, every: int) -> None:

@@ -71,6 +71,9 @@ def export_model(model=None, fmt: str = "onnx", out: str | os.PathLike = "model.
         raise ExportError(f"export takes one checkpoint, got {len(members)} (a models/ folder of fold models "
                           "is an ensemble: pass one fold<k>.pt or final.pt)")
     member = members[0]
+    if member.scale is not None:  # its graph would softmax two regression outputs: refused, not wrong
+        raise ExportError(f"{member.path}: a valence/arousal model; export writes class probabilities and takes "
+                          "classifiers only")
     net = Deployable(member.model, member.spec).eval()
     c, s = member.spec.channels, member.spec.size
     example = torch.full((2, c, s, s), 128.0)

@@ -22,6 +22,11 @@ FER-2013 crops (``align_face``). A photo with no face gives a result with no fac
 Tables use the column names users know from OpenFace / py-feat: input, frame, face_id, timestamp,
 success, confidence, FaceRectX/Y/Width/Height, x_0..x_67, y_0..y_67, label, probability, then one
 column per class; images and folders use frame 0, so one CSV reader serves every output.
+
+A valence/arousal model (a checkpoint of task valence_arousal) gives each face ``values``
+{"valence", "arousal"} on the original scale (the network's outputs mapped back with the run's
+target mean/std, averaged over the ensemble and TTA copies) instead of class probabilities: its
+tables have the columns valence, arousal in place of label, probability and the class columns.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from ferpipe.imaging import resize, resize_batch
 from ferpipe.evaluate.run import TTA_MODES, predict_pixels, select_checkpoints
 from ferpipe.faces.detect import FaceDetector, align_face
 from ferpipe.guides.maps import DEFAULT_PARAMS, make_guide
-from ferpipe.models.checkpoint import CheckpointError, load_checkpoint
+from ferpipe.models.checkpoint import CheckpointError, load_checkpoint, regression_scale
 from ferpipe.models.inputs import InputSpec, normalize, split_channels
 from ferpipe.models.sequence import load_sequence_model
 from ferpipe.sequences.features import LayerTap
@@ -61,21 +66,24 @@ class RecognizeError(ValueError):
 @dataclass
 class Face:
     """One recognized face. ``box`` (x0, y0, x1, y1) and ``landmarks`` [68, 2] are in the input's pixels
-    (``landmarks`` is None for a crop whose model needed no landmarks)."""
+    (``landmarks`` is None for a crop whose model needed no landmarks). A classifier fills ``probs``; a
+    valence/arousal model fills ``values`` ({"valence": v, "arousal": a}) and leaves ``probs`` empty
+    (``label`` is then "" and ``probability`` NaN)."""
 
     box: np.ndarray
     confidence: float
     detector: str
     landmarks: np.ndarray | None
     probs: dict[str, float]
+    values: dict[str, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        return max(self.probs, key=self.probs.get)
+        return max(self.probs, key=self.probs.get) if self.probs else ""
 
     @property
     def probability(self) -> float:
-        return self.probs[self.label]
+        return self.probs[self.label] if self.probs else float("nan")
 
 
 @dataclass
@@ -143,6 +151,7 @@ class Member:
     spec: InputSpec
     preprocess: dict
     info: dict
+    scale: tuple[np.ndarray, np.ndarray] | None = None   # a valence/arousal model's target mean, std
 
 
 def _preprocess(info: dict, spec: InputSpec) -> dict:
@@ -168,9 +177,16 @@ def load_members(model=None, device: str | torch.device = "cpu") -> list[Member]
         except CheckpointError as e:
             raise RecognizeError(str(e)) from None
         spec = InputSpec.from_dict((info.get("meta") or {}).get("input"))
-        members.append(Member(path, fold_batchnorm(net).to(device), spec, _preprocess(info, spec), info))
+        try:
+            scale = regression_scale(info)
+        except CheckpointError as e:
+            raise RecognizeError(f"{path}: {e}") from None
+        members.append(Member(path, fold_batchnorm(net).to(device), spec, _preprocess(info, spec), info, scale))
     first = members[0]
     for m in members[1:]:
+        if (m.scale is None) != (first.scale is None):
+            raise RecognizeError(f"{m.path} and {first.path}: a classifier and a valence/arousal model do not "
+                                 "make an ensemble")
         if m.info["classes"] != first.info["classes"]:
             raise RecognizeError(f"{m.path}: classes {m.info['classes']} differ from {first.path}'s "
                                  f"{first.info['classes']}: an ensemble needs one class list")
@@ -245,7 +261,8 @@ class Recognizer:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device)
         self.members = load_members(model, self.device)
-        self.classes: list[str] = list(self.members[0].info["classes"])
+        self.classes: list[str] = list(self.members[0].info["classes"])   # a regression's: its target names
+        self.regression = self.members[0].scale is not None   # valence/arousal values instead of probabilities
         self.tta, self.seed, self.batch_size = int(tta), int(seed), int(batch_size)
         self.tta_augment = tta_augment or {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05}
         if self.tta < 0 or self.batch_size < 1:
@@ -267,7 +284,8 @@ class Recognizer:
 
     def __repr__(self) -> str:
         names = sorted({m.info["model"] for m in self.members})
-        return f"Recognizer({'+'.join(names)}, {len(self.members)} checkpoint(s), classes={self.classes})"
+        what = "targets" if self.regression else "classes"
+        return f"Recognizer({'+'.join(names)}, {len(self.members)} checkpoint(s), {what}={self.classes})"
 
     # -- the network ---------------------------------------------------------------------------
     def model_inputs(self, crops: np.ndarray) -> list[np.ndarray]:
@@ -296,16 +314,23 @@ class Recognizer:
             out.append(np.ascontiguousarray(np.stack(arrays, axis=1)))
         return out
 
-    def classify(self, crops: np.ndarray) -> np.ndarray:
-        """Class probabilities [N, C] for uint8 face crops [N, ingest_size, ingest_size], averaged over
-        the ensemble."""
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        """For uint8 face crops [N, ingest_size, ingest_size]: class probabilities [N, C], or a
+        valence/arousal model's values [N, 2] on the original scale; averaged over the ensemble."""
         if len(crops) == 0:
             return np.zeros((0, len(self.classes)))
         probs = np.zeros((len(crops), len(self.classes)))
         for m, pixels in zip(self.members, self.model_inputs(crops)):
             probs += predict_pixels(m.model, torch.from_numpy(pixels).to(self.device), m.spec, self.tta,
-                                    self.tta_augment, self.seed, self.batch_size, self.tta_mode)
+                                    self.tta_augment, self.seed, self.batch_size, m.scale, self.tta_mode)
         return probs / len(self.members)
+
+    def classify(self, crops: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, C] for uint8 face crops [N, ingest_size, ingest_size], averaged over
+        the ensemble (a valence/arousal model has no classes: ``predict``)."""
+        if self.regression:
+            raise RecognizeError("a valence/arousal model has no class probabilities: use predict()")
+        return self.predict(crops)
 
     # -- faces in one gray image ---------------------------------------------------------------
     def _faces(self, gray: np.ndarray, crops: bool) -> tuple[list[np.ndarray], list[tuple], str]:
@@ -321,9 +346,11 @@ class Recognizer:
         return cut, [(f.box, f.confidence, f.method, f.landmarks) for f in faces], ""
 
     def _finish(self, results: list[Result], pending: list[tuple[int, tuple]], crops: list[np.ndarray]) -> None:
-        probs = self.classify(np.stack(crops)) if crops else np.zeros((0, len(self.classes)))
-        for (i, (box, conf, det, lm)), p in zip(pending, probs):
-            results[i].faces.append(Face(box, conf, det, lm, dict(zip(self.classes, map(float, p)))))
+        out = self.predict(np.stack(crops)) if crops else np.zeros((0, len(self.classes)))
+        for (i, (box, conf, det, lm)), p in zip(pending, out):
+            named = dict(zip(self.classes, map(float, p)))
+            face = Face(box, conf, det, lm, {}, named) if self.regression else Face(box, conf, det, lm, named)
+            results[i].faces.append(face)
 
     def recognize(self, image, crops: bool = False) -> Result:
         """The faces of one image: a path, image bytes, or a numpy array (gray, or BGR as OpenCV)."""
@@ -357,7 +384,7 @@ class Recognizer:
     def recognize_batch(self, images: Iterable, crops: bool = False, progress: bool = False) -> pd.DataFrame:
         """``recognize_many`` as a DataFrame: one row per face, one row (success 0, reason) per input
         without a face or that could not be read."""
-        return results_table(self.recognize_many(images, crops, progress), self.classes)
+        return results_table(self.recognize_many(images, crops, progress), self.classes, self.regression)
 
     # -- video ----------------------------------------------------------------------------------
     def recognize_video(self, path, every: int = 1, max_frames: int | None = None, progress: bool = False,
@@ -370,7 +397,7 @@ class Recognizer:
         labeler = sequence_model if isinstance(sequence_model, TrackLabeler) or sequence_model is None \
             else TrackLabeler(sequence_model)
         results = list(self.video_results(path, every, max_frames, progress, tracker, keep_crops=labeler is not None))
-        table = results_table(results, self.classes)
+        table = results_table(results, self.classes, self.regression)
         return label_tracks(table, results, labeler) if labeler is not None else table
 
     def video_results(self, path, every: int = 1, max_frames: int | None = None, progress: bool = False,
@@ -565,11 +592,14 @@ def label_tracks(table: pd.DataFrame, results: list[Result], labeler: TrackLabel
 
 # ------------------------------------------------------------------------------------------ tables
 
-def results_table(results: list[Result], classes: list[str]) -> pd.DataFrame:
-    """One row per face, or per input/frame without any (success 0 and the reason)."""
+def results_table(results: list[Result], classes: list[str], regression: bool = False) -> pd.DataFrame:
+    """One row per face, or per input/frame without any (success 0 and the reason). With `regression`
+    (a valence/arousal model; `classes` its target names) the face's values in one column per target
+    (valence, arousal) in place of label, probability and the class columns."""
     coords = [f"x_{i}" for i in range(68)] + [f"y_{i}" for i in range(68)]
+    answer = list(classes) if regression else ["label", "probability", *classes]
     columns = ["input", "frame", "face_id", "timestamp", "success", "reason", "detector", "confidence",
-               "FaceRectX", "FaceRectY", "FaceRectWidth", "FaceRectHeight", *coords, "label", "probability", *classes]
+               "FaceRectX", "FaceRectY", "FaceRectWidth", "FaceRectHeight", *coords, *answer]
     rows = []
     for r in results:
         if not r.faces:
@@ -581,8 +611,8 @@ def results_table(results: list[Result], classes: list[str]) -> pd.DataFrame:
             x0, y0, x1, y1 = (float(v) for v in f.box)
             row = {"input": r.input, "frame": r.frame, "face_id": fid, "timestamp": r.timestamp, "success": 1,
                    "reason": "", "detector": f.detector, "confidence": f.confidence, "FaceRectX": x0,
-                   "FaceRectY": y0, "FaceRectWidth": x1 - x0, "FaceRectHeight": y1 - y0,
-                   "label": f.label, "probability": f.probability, **f.probs}
+                   "FaceRectY": y0, "FaceRectWidth": x1 - x0, "FaceRectHeight": y1 - y0}
+            row.update(f.values if regression else {"label": f.label, "probability": f.probability, **f.probs})
             if f.landmarks is not None:
                 row.update(zip(coords, np.concatenate([f.landmarks[:, 0], f.landmarks[:, 1]]).astype(float)))
             rows.append(row)
@@ -608,7 +638,8 @@ def draw(image, result: Result, color=(0, 200, 0)) -> np.ndarray:
         if f.landmarks is not None:
             for x, y in f.landmarks:
                 cv2.circle(canvas, (int(round(x)), int(round(y))), thick, (0, 255, 255), -1, cv2.LINE_AA)
-        text = f"{f.label} {f.probability:.2f}"
+        text = (" ".join(f"{k[0]} {v:+.2f}" for k, v in f.values.items()) if f.values
+                else f"{f.label} {f.probability:.2f}")
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale, thick)
         ty = y0 - 4 if y0 - th - 6 > 0 else y1 + th + 4
         cv2.rectangle(canvas, (x0, ty - th - 3), (x0 + tw + 4, ty + base - 1), color, -1)

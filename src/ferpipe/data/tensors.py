@@ -11,6 +11,12 @@ Which arrays a model needs comes from ``MODEL_SPECS[name]`` (image: gray48 | pat
 guide: None | a guide kind). Rows follow data/split/split.csv (its ``index`` column is the row in
 the packed arrays; ids are checked).
 
+Targets: class indices [N] (int64) for a classification split (task classes | polarity), or, for a
+split of task valence_arousal (no class target, float ``valence`` and ``arousal`` columns), the
+regression targets [N, 2] (float32, ``REGRESSION_TARGETS`` order) kept on their original scale;
+``batch`` returns them standardized with ``target_mean`` / ``target_std`` (``standardize_targets``
+sets those from the training rows; the checkpoint keeps them so inference returns the original scale).
+
 The input recipe (``InputSpec``: channels, size, per-channel mean/std, kept in a checkpoint's
 meta["input"]) and the resize + standardization of a batch are ``ferpipe.models.inputs``.
 """
@@ -36,15 +42,31 @@ def artifact_paths(image: str, guide: str | None, gray48: str | os.PathLike = "d
     return img, gd
 
 
+REGRESSION_TARGETS = ["valence", "arousal"]  # the outputs of a task valence_arousal model, in this order
+
+
+def is_regression_split(table: pd.DataFrame) -> bool:
+    """A split of task valence_arousal: no class target at all, and valence/arousal columns."""
+    return bool(len(table)) and bool((table["target"] < 0).all()) and set(REGRESSION_TARGETS) <= set(table.columns)
+
+
 def read_split(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
-    """split.csv and its class names (ordered by target; from the target/target_name pairs)."""
+    """split.csv and its class names (ordered by target; from the target/target_name pairs), or for a
+    valence/arousal split its rows with both values and the target names ``REGRESSION_TARGETS``."""
     table = pd.read_csv(path, dtype={"id": str, "target_name": str}, keep_default_na=False)
     missing = {"id", "index", "split", "fold", "target"} - set(table.columns)
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)} (is it the split stage output?)")
+    if is_regression_split(table):
+        values = table[REGRESSION_TARGETS].apply(pd.to_numeric, errors="coerce")
+        table[REGRESSION_TARGETS] = values
+        table = table[values.notna().all(axis=1).to_numpy()].reset_index(drop=True)
+        if table.empty:
+            raise ValueError(f"{path}: no row with both valence and arousal")
+        return table, list(REGRESSION_TARGETS)
     if (table["target"] < 0).all():
-        raise ValueError(f"{path}: no class targets (task valence_arousal?); the trainer needs a "
-                         "classification task (task: classes | polarity)")
+        raise ValueError(f"{path}: no class targets and no valence/arousal columns; the trainer needs a "
+                         "classification task (task: classes | polarity) or task valence_arousal")
     table = table[table["target"] >= 0].reset_index(drop=True)
     n = int(table["target"].max()) + 1
     classes = [f"class{i}" for i in range(n)]
@@ -85,17 +107,28 @@ def load_pixels(table: pd.DataFrame, image: str = "gray48", guide: str | None = 
 
 
 class TensorData:
-    """All rows of one run in memory as uint8 [N, C, S, S] on `device`, plus targets [N].
+    """All rows of one run in memory as uint8 [N, C, S, S] on `device`, plus targets: class indices [N],
+    or with ``regression`` the float targets [N, 2] (``REGRESSION_TARGETS`` columns of the table, on
+    their original scale; ``classes`` then names them).
 
     ``batch(idx)`` gathers rows by an index tensor and returns float, optionally augmented,
-    standardized input. ``train_rows(folds)`` / ``val_rows(fold)`` / ``test_rows()`` give index tensors.
+    standardized input (and standardized regression targets). ``train_rows(folds)`` /
+    ``val_rows(fold)`` / ``test_rows()`` give index tensors.
     """
 
     def __init__(self, pixels: np.ndarray, table: pd.DataFrame, classes: list[str], spec: InputSpec,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", regression: bool = False):
         self.device = torch.device(device)
         self.pixels = torch.from_numpy(pixels).to(self.device)
-        self.targets = torch.from_numpy(table["target"].to_numpy(np.int64).copy()).to(self.device)
+        self.regression = bool(regression)
+        if self.regression:
+            values = table[REGRESSION_TARGETS].to_numpy(np.float32).copy()
+            self.targets = torch.from_numpy(values).to(self.device)
+        else:
+            self.targets = torch.from_numpy(table["target"].to_numpy(np.int64).copy()).to(self.device)
+        k = len(REGRESSION_TARGETS) if self.regression else 0
+        self.target_mean = torch.zeros(k, device=self.device)   # batch() returns (targets - mean) / std
+        self.target_std = torch.ones(k, device=self.device)
         self.table = table.reset_index(drop=True)
         self.classes = list(classes)
         self.spec = spec
@@ -126,7 +159,23 @@ class TensorData:
         return self._rows(self._split == "test")
 
     def class_counts(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.regression:
+            raise ValueError("a valence/arousal split has no classes to count")
         return torch.bincount(self.targets[rows], minlength=len(self.classes))
+
+    def standardize_targets(self, rows: torch.Tensor | None) -> tuple[list[float], list[float]]:
+        """Regression: standardize the targets ``batch`` returns with the mean / std (population) of
+        `rows` (the training rows of a run; None = back to the original scale). Returns (mean, std)."""
+        if not self.regression:
+            return [], []
+        if rows is None:
+            self.target_mean = torch.zeros_like(self.target_mean)
+            self.target_std = torch.ones_like(self.target_std)
+        else:
+            y = self.targets[rows].to(torch.float64)
+            self.target_mean = y.mean(0).float()
+            self.target_std = y.std(0, unbiased=False).clamp_min(1e-6).float()
+        return [float(v) for v in self.target_mean], [float(v) for v in self.target_std]
 
     def batch(self, idx: torch.Tensor, augment=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(image, guide, targets) for the rows `idx`; `augment(x)` runs on [B,C,S,S] in [0, 1]."""
@@ -134,14 +183,19 @@ class TensorData:
         if augment is not None:
             x = augment(x)
         image, guide = split_channels(normalize(x, self.spec))
-        return image, guide, self.targets[idx]
+        y = self.targets[idx]
+        if self.regression:
+            y = (y - self.target_mean) / self.target_std
+        return image, guide, y
 
 
 def load_data(split_csv: str | os.PathLike, model: str, model_kwargs: dict | None = None,
               gray48: str | os.PathLike = "data/gray48/images.h5", guides_dir: str | os.PathLike = "data/guides",
               device: str | torch.device = "cpu", splits: tuple[str, ...] = ("train", "test")) -> TensorData:
-    """Read split.csv and the arrays `model` needs; keep the rows of `splits`; mean/std left at 0/1."""
+    """Read split.csv and the arrays `model` needs; keep the rows of `splits`; mean/std left at 0/1
+    (the input's and, for a valence/arousal split, the targets')."""
     table, classes = read_split(split_csv)
+    regression = is_regression_split(table)
     table = table[table["split"].isin(splits)].reset_index(drop=True)
     if table.empty:
         raise ValueError(f"{split_csv}: no rows with split in {list(splits)}")
@@ -151,7 +205,7 @@ def load_data(split_csv: str | os.PathLike, model: str, model_kwargs: dict | Non
                      mean=[0.0] * channels, std=[1.0] * channels)
     check_guides_found_faces(spec, guides_dir)
     pixels = load_pixels(table, spec.image, spec.guide, gray48, guides_dir)
-    return TensorData(pixels, table, classes, spec, device)
+    return TensorData(pixels, table, classes, spec, device, regression=regression)
 
 
 def check_guides_found_faces(spec: InputSpec, guides_dir: str | os.PathLike = "data/guides") -> None:

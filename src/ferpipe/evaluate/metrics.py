@@ -4,11 +4,13 @@
 or predicted), balanced_accuracy (mean
 per-class recall over the classes present in y), auc (binary ROC AUC, or one-vs-rest macro over the
 classes present with both outcomes), top2/top3 (only when there are more than 2/3 classes),
-per-class precision/recall/f1/support, n. ``regression_metrics`` -> mse and Pearson r per target and
-their means. Every value is a plain float/int, ready for JSON. Images and sequences use these alike.
+per-class precision/recall/f1/support, n. ``regression_metrics`` -> per target mse, rmse, Pearson r,
+CCC (and for valence the sign agreement) and their means. Every value is a plain float/int, ready
+for JSON. Images and sequences use these alike.
 
 Predictions CSV columns: id, actual, predicted (class names, for DVC's confusion template),
-correct, confidence (probability of the predicted class), prob_<class> per class.
+correct, confidence (probability of the predicted class), prob_<class> per class; for a regression
+(``regression_table``): id, actual_<target>, predicted_<target> per target.
 """
 from __future__ import annotations
 
@@ -56,16 +58,45 @@ def auc_score(y: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def concordance_cc(a: np.ndarray, b: np.ndarray) -> float:
+    """Lin's concordance correlation coefficient of two 1-d arrays (population moments):
+    2 cov / (var_a + var_b + (mean_a - mean_b)^2); NaN when both are constant."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    denom = a.var() + b.var() + (a.mean() - b.mean()) ** 2
+    return float(2 * np.mean((a - a.mean()) * (b - b.mean())) / denom) if denom > 0 else float("nan")
+
+
 def regression_metrics(y: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
-    """Per target: mse_<name>, pearson_<name>; and their means mse, pearson (y, pred [n, len(names)])."""
+    """Per target (AffectNet's figures): mse_<name>, rmse_<name>, pearson_<name>, ccc_<name> (concordance
+    correlation), and for valence sagr_valence (sign agreement: the share of rows whose predicted valence
+    has the true one's sign); and the means over the targets mse, rmse, pearson, ccc (y, pred [n, len(names)])."""
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
     out = {}
     for j, name in enumerate(names):
         a, b = y[:, j], pred[:, j]
         out[f"mse_{name}"] = float(np.mean((a - b) ** 2))
+        out[f"rmse_{name}"] = float(np.sqrt(out[f"mse_{name}"]))
         out[f"pearson_{name}"] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+        out[f"ccc_{name}"] = concordance_cc(a, b)
+        if name == "valence":
+            out["sagr_valence"] = float(np.mean(np.sign(a) == np.sign(b)))
     out["mse"] = float(np.mean([out[f"mse_{n}"] for n in names]))
-    out["pearson"] = float(np.nanmean([out[f"pearson_{n}"] for n in names])) if names else float("nan")
+    out["rmse"] = float(np.mean([out[f"rmse_{n}"] for n in names]))
+    nan = float("nan")
+    out["pearson"] = float(np.nanmean([out[f"pearson_{n}"] for n in names])) if names else nan
+    ccc = [out[f"ccc_{n}"] for n in names if not np.isnan(out[f"ccc_{n}"])]
+    out["ccc"] = float(np.mean(ccc)) if ccc else nan
     return out
+
+
+def regression_table(ids, y: np.ndarray, pred: np.ndarray, names: list[str]) -> pd.DataFrame:
+    """The predictions CSV of a regression: id, actual_<name> per target, predicted_<name> per target."""
+    frame = pd.DataFrame({"id": np.asarray(ids).astype(str)})
+    for j, n in enumerate(names):
+        frame[f"actual_{n}"] = np.asarray(y, np.float64)[:, j].round(6)
+    for j, n in enumerate(names):
+        frame[f"predicted_{n}"] = np.asarray(pred, np.float64)[:, j].round(6)
+    return frame
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -104,8 +135,19 @@ def headline(test: dict, train: dict | None = None, recipe: str | None = None) -
     ``test``: the evaluate metrics (accuracy, macro_f1, model); ``train``: the train stage's metrics
     (val_acc_mean/std over the folds, absent without cross-validation; folds_at_chance, final.at_chance).
     ``runs_at_chance`` counts the trained models (folds, final) that ended at chance level.
+    A valence/arousal evaluation (``test`` has ccc): test_rmse, test_ccc (means over the targets), the folds'
+    val_loss_mean / val_loss_std, model, recipe (no accuracy, no chance level).
     """
     train = train or {}
+    if "ccc" in test and "accuracy" not in test:
+        out = {"test_rmse": round(float(test["rmse"]), 4), "test_ccc": round(float(test["ccc"]), 4)}
+        for key in ("val_loss_mean", "val_loss_std"):
+            if train.get(key) is not None:
+                out[key] = round(float(train[key]), 4)
+        out["model"] = test.get("model")
+        if recipe:
+            out["recipe"] = recipe
+        return out
     out = {"test_acc": round(float(test["accuracy"]), 4), "test_macro_f1": round(float(test["macro_f1"]), 4)}
     for key in ("val_acc_mean", "val_acc_std"):
         if train.get(key) is not None:

@@ -1,4 +1,5 @@
-"""Evaluation pictures: the confusion matrix (counts + row-normalized) and the worst-errors sheet."""
+"""Evaluation pictures: the confusion matrix (counts + row-normalized) and the worst-errors sheet; for a
+valence/arousal model the predicted-vs-true scatter per target and the largest-errors sheet."""
 from __future__ import annotations
 
 import io
@@ -77,9 +78,58 @@ def errors_png(path: str | os.PathLike, images: np.ndarray, y: np.ndarray, probs
     return n
 
 
+def scatter_png(path: str | os.PathLike, y: np.ndarray, pred: np.ndarray, names: list[str], title: str = "",
+                metrics: dict | None = None, lims: tuple[float, float] = (-1.0, 1.0)) -> None:
+    """One panel per target: predicted against true value per row and the diagonal (perfect answers);
+    with `metrics` (``regression_metrics``'s dict) the target's RMSE and CCC in the panel title. The
+    axes span `lims` (AffectNet's [-1, 1]) or more."""
+    y, pred = np.asarray(y, float), np.asarray(pred, float)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False, layout="constrained")
+    lo = min(lims[0], float(np.nanmin(y, initial=lims[0])), float(np.nanmin(pred, initial=lims[0])))
+    hi = max(lims[1], float(np.nanmax(y, initial=lims[1])), float(np.nanmax(pred, initial=lims[1])))
+    for j, (ax, name) in enumerate(zip(axes[0], names)):
+        ax.plot([lo, hi], [lo, hi], "-", color="0.6", lw=1)
+        ax.scatter(y[:, j], pred[:, j], s=8, alpha=0.5, edgecolors="none")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"true {name}")
+        ax.set_ylabel(f"predicted {name}")
+        ax.set_title(f"{name}: RMSE {metrics[f'rmse_{name}']:.3f}, CCC {metrics[f'ccc_{name}']:.3f}"
+                     if metrics else name, fontsize=9)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def regression_errors_png(path: str | os.PathLike, images: np.ndarray, y: np.ndarray, pred: np.ndarray,
+                          names: list[str], k: int = 36, cols: int = 6, title: str = "") -> int:
+    """Contact sheet of the k rows whose prediction is farthest from the truth (Euclidean distance over
+    the targets), each titled with the true and predicted values. Returns how many are shown."""
+    y, pred = np.asarray(y, float), np.asarray(pred, float)
+    dist = np.sqrt(((y - pred) ** 2).sum(1))
+    idx = np.argsort(-dist, kind="stable")[:k]
+    n = len(idx)
+    cols = max(1, min(cols, n)) if n else 1
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    short = [name[0] for name in names]
+    for ax, i in zip(axes.ravel(), idx):
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        true = " ".join(f"{s} {v:+.2f}" for s, v in zip(short, y[i]))
+        got = " ".join(f"{s} {v:+.2f}" for s, v in zip(short, pred[i]))
+        ax.set_title(f"true {true}\npred {got}", fontsize=6)
+    fig.suptitle(title or f"{n} largest errors", fontsize=9)
+    _save(fig, path)
+    return n
+
+
 def curves_png(path: str | os.PathLike, histories: dict[str, list[dict]], title: str = "") -> None:
-    """Learning curves, one color per run (fold or final): loss and accuracy per epoch, training dashed,
-    validation solid, a dot on each run's best validation epoch. ``histories``: run name -> rows
+    """Learning curves, one color per run (fold or final): loss and accuracy per epoch (a valence/arousal
+    run has none: NaN), training dashed, validation solid, a dot on each run's best validation epoch. ``histories``: run name -> rows
     {epoch, train_loss, train_acc[, val_loss, val_acc]} (a checkpoint's meta["history"])."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -93,7 +143,9 @@ def curves_png(path: str | os.PathLike, histories: dict[str, list[dict]], title:
             if "val_" + key in rows[0]:
                 val = [r[f"val_{key}"] for r in rows]
                 ax.plot(epoch, val, "-", color=c, lw=1.5, label=name)
-                best = int(np.argmax([r["val_acc"] for r in rows]))
+                accs = np.array([r["val_acc"] for r in rows], float)
+                # the best validation epoch; a valence/arousal run has no accuracy: its lowest loss
+                best = int(np.argmax(accs)) if np.isfinite(accs).any() else int(np.nanargmin([r["val_loss"] for r in rows]))
                 ax.plot(epoch[best], val[best], "o", color=c, ms=4)
             else:
                 ax.lines[-1].set_label(f"{name} (training only)")
@@ -102,6 +154,10 @@ def curves_png(path: str | os.PathLike, histories: dict[str, list[dict]], title:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, title="solid: validation, dashed: training", title_fontsize=8)
+    accs = [r["train_acc"] for rows in histories.values() for r in rows]
+    if accs and not np.isfinite(accs).any():
+        axes[1].text(0.5, 0.5, "no accuracy: a valence/arousal regression", ha="center", va="center",
+                     transform=axes[1].transAxes, color="0.4")
     if title:
         fig.suptitle(title)
     _save(fig, path)

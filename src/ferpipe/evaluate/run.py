@@ -12,6 +12,13 @@ no part in training or model selection. The model evaluated (``evaluate.members`
 ``evaluate.tta_augment``, seeded) whose softmax is averaged with the plain prediction's; or, with
 ``evaluate.tta_mode: tencrop``, the classic deterministic ten crops (the four corners and the centre
 at 90% of the side, and their mirror images, each resized to the model's input) averaged.
+
+A valence/arousal model (checkpoint meta "task": "valence_arousal"): its outputs, each member's
+mapped back to the original scale with its own target_mean / target_std, are averaged over members
+and TTA copies alike. eval.json then has AffectNet's figures per target (``regression_metrics``:
+rmse, pearson, ccc, mse, and sagr for valence) and their means, the predictions CSV is
+id, actual_<target>, predicted_<target>, the confusion path gets the predicted-vs-true scatter per
+target, the errors path the largest errors, and the summary test_rmse / test_ccc.
 """
 from __future__ import annotations
 
@@ -25,9 +32,10 @@ import torch
 
 from ferpipe.data.augment import BatchAugment
 from ferpipe.data.tensors import TensorData, load_data
-from ferpipe.evaluate.metrics import classification_metrics, confusion, headline, predictions_table
-from ferpipe.evaluate.plots import confusion_png, errors_png
-from ferpipe.models.checkpoint import load_checkpoint
+from ferpipe.evaluate.metrics import (classification_metrics, confusion, headline, predictions_table,
+                                     regression_metrics, regression_table)
+from ferpipe.evaluate.plots import confusion_png, errors_png, regression_errors_png, scatter_png
+from ferpipe.models.checkpoint import load_checkpoint, regression_scale
 from ferpipe.models.inputs import InputSpec, normalize, split_channels
 from ferpipe.store import settle, write_csv, write_json, write_text, writes
 
@@ -94,34 +102,42 @@ def select_checkpoints(models_dir: str | os.PathLike, members: str = "auto") -> 
 @torch.no_grad()
 def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, spec: InputSpec, tta: int = 0,
                    tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512,
-                   tta_mode: str = "random") -> np.ndarray:
+                   scale: tuple[np.ndarray, np.ndarray] | None = None, tta_mode: str = "random") -> np.ndarray:
     """Softmax probabilities [N, C] of uint8 pixels [N, C, S, S] (on the model's device), in batches of
     `batch_size`; with tta > 0 averaged over the plain + tta augmented copies (one seeded stream, so the
     same pixels in the same order and batches give the same numbers: evaluate and ferpipe.recognize);
-    tta_mode tencrop: averaged over the ten crops (``ten_crops``; `tta` is not used)."""
+    tta_mode tencrop: averaged over the ten crops (``ten_crops``; `tta` is not used).
+    With `scale` (a valence/arousal model's ``regression_scale``: mean, std) the raw outputs instead,
+    averaged the same way and mapped back to the original scale (output * std + mean)."""
     model.eval()
+    act = (lambda z: z) if scale is not None else (lambda z: torch.softmax(z, 1))
     aug = BatchAugment.from_params(tta_augment, seed=seed) if tta and tta_mode == "random" else None
     out = []
     for chunk in pixels.split(batch_size):
         x = chunk.float().div_(255.0)
         if tta_mode == "tencrop":
             views = ten_crops(x)
-            p = sum(torch.softmax(model(*split_channels(normalize(v, spec))).float(), 1) for v in views)
+            p = sum(act(model(*split_channels(normalize(v, spec))).float()) for v in views)
             out.append((p / len(views)).cpu())
             continue
-        p = torch.softmax(model(*split_channels(normalize(x, spec))).float(), 1)
+        p = act(model(*split_channels(normalize(x, spec))).float())
         for _ in range(int(tta)):
-            p += torch.softmax(model(*split_channels(normalize(aug(x), spec))).float(), 1)
+            p += act(model(*split_channels(normalize(aug(x), spec))).float())
         out.append((p / (1 + int(tta))).cpu())
-    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
+    result = torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
+    if scale is not None and len(result):
+        result = result * scale[1] + scale[0]
+    return result
 
 
 def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: InputSpec, tta: int = 0,
-            tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512, tta_mode: str = "random") -> np.ndarray:
-    """Softmax probabilities [len(rows), C] of the rows of `data` (``predict_pixels``)."""
+            tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512,
+            scale: tuple[np.ndarray, np.ndarray] | None = None, tta_mode: str = "random") -> np.ndarray:
+    """Softmax probabilities [len(rows), C] of the rows of `data` (``predict_pixels``), or with `scale` a
+    valence/arousal model's predictions on the original scale."""
     if len(rows) == 0:
         return np.zeros((0, len(data.classes)))
-    return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size, tta_mode)
+    return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size, scale, tta_mode)
 
 
 @writes("metrics_path", "predictions_path", "confusion_path", "errors_path", "results_path")
@@ -156,19 +172,27 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
     rows = data.test_rows()
     if len(rows) == 0:
         raise ValueError(f"{split_csv}: no test rows (split.test in params.yaml)")
+    scales = [regression_scale(info) for _, info in loaded]
+    regression = scales[0] is not None
+    if any((s is not None) != regression for s in scales) or regression != data.regression:
+        raise ValueError(f"the checkpoints in {models_dir} and the split {split_csv} do not agree on the task "
+                         "(valence/arousal regression or classes; task changed since training? dvc repro)")
     probs = np.zeros((len(rows), len(classes)))
-    for model, info in loaded:
+    for (model, info), scale in zip(loaded, scales):
         spec = InputSpec.from_dict(info["meta"].get("input"))
         probs += predict(model.to(device), data, rows, spec, prm["tta"], prm["tta_augment"], prm["seed"],
-                         prm["batch_size"], prm["tta_mode"])
+                         prm["batch_size"], scale, prm["tta_mode"])
     probs /= len(loaded)
     y = data.targets[rows].cpu().numpy()
-    metrics = classification_metrics(y, probs, classes)
     header = {"model": name, "members": kind, "checkpoints": [p.name for p in paths],
               "tta": "tencrop" if prm["tta_mode"] == "tencrop" else int(prm["tta"]),
               "classes": classes, "split": "test"}
-    metrics = {**header, **metrics}
     table = data.table.iloc[rows.cpu().numpy()]
+    if regression:
+        return _evaluate_regression(params, prm, header, table, data, rows, y, probs, metrics_path, predictions_path,
+                                    confusion_path, errors_path, results_path, train_metrics)
+    metrics = classification_metrics(y, probs, classes)
+    metrics = {**header, **metrics}
     if predictions_path:
         write_csv(predictions_path, predictions_table(table["id"], y, probs, classes))
     title = f"{name} ({kind}{', tta ' + str(header['tta']) if header['tta'] else ''}) test acc {metrics['accuracy']:.4f}"
@@ -177,6 +201,30 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
     if errors_path:
         images = data.pixels[rows, 0].cpu().numpy()
         errors_png(errors_path, images, y, probs, classes, int(prm["errors"]), title=f"{name}: most confident errors")
+    if metrics_path:
+        write_json(metrics_path, metrics)
+    if results_path:
+        train = json.loads(Path(train_metrics).read_text()) if train_metrics and Path(train_metrics).is_file() else None
+        write_text(results_path, json.dumps(headline(metrics, train, params.get("recipe")), indent=2) + "\n")
+    return metrics
+
+
+def _evaluate_regression(params: dict, prm: dict, header: dict, table, data: TensorData, rows: torch.Tensor,
+                         y: np.ndarray, pred: np.ndarray, metrics_path, predictions_path, confusion_path,
+                         errors_path, results_path, train_metrics) -> dict:
+    """run_evaluate's outputs for a valence/arousal model (y, pred [n, targets] on the original scale)."""
+    names = header["classes"]
+    metrics = {**header, "n": int(len(y)), **regression_metrics(y, pred, names)}
+    if predictions_path:
+        write_csv(predictions_path, regression_table(table["id"], y, pred, names))
+    title = (f"{header['model']} ({header['members']}{', tta ' + str(header['tta']) if header['tta'] else ''}) "
+             f"test RMSE {metrics['rmse']:.4f}, CCC {metrics['ccc']:.4f}")
+    if confusion_path:  # the stage's confusion output path holds the scatter plot (a regression has no confusion)
+        scatter_png(confusion_path, y, pred, names, title, metrics)
+    if errors_path:
+        images = data.pixels[rows, 0].cpu().numpy()
+        regression_errors_png(errors_path, images, y, pred, names, int(prm["errors"]),
+                              title=f"{header['model']}: largest errors")
     if metrics_path:
         write_json(metrics_path, metrics)
     if results_path:

@@ -5,7 +5,8 @@ model of ``MODEL_SPECS``, or a sequence model ``lstm`` | ``cbm`` | ``frame``), "
 outputs: classes, or regression targets), "classes" (their names), "model_kwargs" (the constructor
 arguments; a sequence model's include ``in_shape``, its per-frame input [C, H, W]), "state_dict",
 "meta" (anything else: the input spec or statistics, fold, epoch, val accuracy, params used)}.
-Written atomically.
+Written atomically. An image model of task valence_arousal has classes ["valence", "arousal"] (its two
+outputs) and meta "task": "valence_arousal", "target_mean", "target_std" (``regression_scale``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -92,6 +94,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model.eval()
     info = {k: v for k, v in payload.items() if k != "state_dict"}
     return model, info
+
+
+def regression_scale(info: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """For a valence/arousal image model (meta "task": "valence_arousal"): (mean, std) float64 [outputs]
+    mapping its outputs back to the original scale (value = output * std + mean; the training rows'
+    statistics of its run). None for a classifier. ``info``: load_checkpoint's or read_checkpoint_info's."""
+    meta = info.get("meta") or {}
+    if meta.get("task") != "valence_arousal":
+        return None
+    n = int(info["num_classes"])
+    mean = np.asarray(meta.get("target_mean", [0.0] * n), np.float64)
+    std = np.asarray(meta.get("target_std", [1.0] * n), np.float64)
+    if mean.shape != (n,) or std.shape != (n,):
+        raise CheckpointError(f"a valence/arousal checkpoint with {n} outputs but target_mean/std of shapes "
+                              f"{mean.shape}/{std.shape}")
+    return mean, std
 
 
 def read_checkpoint_info(path: str | os.PathLike) -> dict:

@@ -1,5 +1,6 @@
 """The training loop of every model ferpipe trains (images and sequences): Adam, an objective
-(class-weighted cross-entropy, mean squared error, the sequences' anticipation loss), optional
+(class-weighted cross-entropy, mean squared error, 1 - concordance correlation for valence/arousal,
+the sequences' anticipation loss), optional
 gradient clipping, early stopping on a validation figure.
 
 One ``fit`` call trains one model on a set of rows of a dataset that gives batches by index (a
@@ -198,6 +199,32 @@ class MeanSquared:
     def __call__(self, model, inputs, y, training: bool = False):
         out = model(*inputs)
         return F.mse_loss(out.float(), y), out
+
+
+def concordance(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Lin's concordance correlation coefficient per column of [B, K] tensors (population moments):
+    2 cov / (var_pred + var_target + (mean_pred - mean_target)^2). 1 = identical; 0 = uncorrelated;
+    unlike Pearson r it also counts a shift or a scale difference as disagreement."""
+    pred, target = pred.float(), target.float()
+    mp, mt = pred.mean(0), target.mean(0)
+    dp, dt = pred - mp, target - mt
+    cov = (dp * dt).mean(0)
+    return 2 * cov / (dp.pow(2).mean(0) + dt.pow(2).mean(0) + (mp - mt).pow(2) + eps)
+
+
+class Concordance:
+    """1 - CCC (concordance correlation coefficient), averaged over the targets: AffectNet's figure of
+    merit as the loss (``train.loss: ccc``). Computed per batch, so the validation loss ``fit`` reports
+    is the row-weighted mean of per-batch values (one batch when the validation rows fit in
+    ``eval_batch_size``); a batch of one row has no variance and gives loss 1."""
+    classify = False
+
+    def to(self, device) -> "Concordance":
+        return self
+
+    def __call__(self, model, inputs, y, training: bool = False):
+        out = model(*inputs)
+        return 1.0 - concordance(out.float(), y).mean(), out
 
 
 @dataclass

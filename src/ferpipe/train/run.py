@@ -10,6 +10,13 @@ metrics/train.json: per-fold best validation accuracy/loss and best epoch, mean 
 ddof=0) of the validation accuracy over the folds run, the final model's epoch count. It holds
 no timings, so rerunning with the same seed gives an identical file; timings are printed and kept
 in each checkpoint's meta.
+
+Valence / arousal (task valence_arousal, a split without class targets): the model has 2 outputs
+(valence, arousal), trained on targets standardized with the training rows' mean / std (kept in the
+checkpoint's meta as target_mean / target_std, with "task": "valence_arousal") by ``train.loss``:
+mse (``auto``) or ccc (1 - the concordance correlation coefficient). The epoch is selected by the
+validation loss (``train.select`` must be ``loss``); metrics/train.json has per-fold val_loss and
+val_loss_mean / val_loss_std instead of accuracies; class weights and the chance-level check do not apply.
 """
 from __future__ import annotations
 
@@ -30,8 +37,8 @@ from ferpipe.models.inputs import InputSpec
 from ferpipe.live import live_curves
 from ferpipe.store import output_set, write_json
 from ferpipe.train.data import channel_stats, preprocess_record
-from ferpipe.train.loop import (FitConfig, Runtime, class_weights, fit, seed_everything, setup_runtime,
-                                teardown_runtime)
+from ferpipe.train.loop import (Concordance, FitConfig, MeanSquared, Runtime, class_weights, fit, seed_everything,
+                                setup_runtime, teardown_runtime)
 
 DEFAULTS = {
     "seed": 2020, "folds": "all", "final": False, "max_epochs": 500, "patience": 30, "batch_size": 128,
@@ -39,8 +46,10 @@ DEFAULTS = {
     "class_weights": True, "label_smoothing": 0.0, "standardize": True, "channels_last": True, "compile": False,
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
-    "deterministic": True, "progress": None, "log_every": 10,
+    "deterministic": True, "progress": None, "log_every": 10, "loss": "auto",
 }
+# train.loss: auto = cross-entropy for a classification task, mse for valence/arousal; ccc: valence/arousal only
+LOSSES = ("auto", "mse", "ccc")
 
 
 def resolve_params(prm: dict | None) -> dict:
@@ -52,7 +61,25 @@ def resolve_params(prm: dict | None) -> dict:
     out = {**DEFAULTS, **{k: v for k, v in prm.items() if v is not None or k == "progress"}}
     out["augment"] = dict(out["augment"] or {})
     out["model_kwargs"] = dict(out["model_kwargs"] or {})
+    if out["loss"] not in LOSSES:
+        raise ValueError(f"train.loss must be one of {', '.join(LOSSES)}, got {out['loss']!r}")
     return out
+
+
+def check_task(prm: dict, regression: bool) -> None:
+    """The params that must fit the split's task: a regression (valence/arousal) selects epochs by the
+    validation loss and trains with mse or ccc; a classification trains with cross-entropy (loss auto)."""
+    if regression and prm["select"] != "loss":
+        raise ValueError(f"task valence_arousal is a regression: train.select must be loss, not {prm['select']!r} "
+                         "(-S train.select=loss)")
+    if not regression and prm["loss"] != "auto":
+        raise ValueError(f"train.loss {prm['loss']} is for task valence_arousal; a classification task trains "
+                         "with cross-entropy (train.loss: auto)")
+
+
+def regression_objective(prm: dict):
+    """mse (train.loss auto | mse) or ccc on the standardized valence/arousal targets."""
+    return Concordance() if prm["loss"] == "ccc" else MeanSquared()
 
 
 def select_folds(spec, available: list[int]) -> list[int]:
@@ -156,7 +183,14 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
     """Train one model; returns (model with the best state loaded, FitResult, stored model kwargs)."""
     seed_everything(seed, prm["deterministic"])
     data.spec = _fold_spec(data, train_rows, prm["standardize"])
-    weights = class_weights(data.class_counts(train_rows)) if prm["class_weights"] else None
+    objective, weights = None, None
+    if data.regression:
+        # valence/arousal: targets standardized with these training rows' mean/std. Class weights (and label
+        # smoothing) belong to the cross-entropy of a classification: with no classes they are ignored here.
+        data.standardize_targets(train_rows)
+        objective = regression_objective(prm)
+    elif prm["class_weights"]:
+        weights = class_weights(data.class_counts(train_rows))
     model, stored_kwargs = make_model(name, len(data.classes), model_kwargs(name, prm), prm["init_from"])
     model = model.to(rt.device)
     wrapped = model
@@ -171,7 +205,7 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
                     label_smoothing=float(prm["label_smoothing"]), channels_last=bool(prm["channels_last"]), compile=bool(prm["compile"]), seed=seed,
                     progress=prm["progress"], log_every=prm["log_every"])
     with live_curves(live_dir, rt.is_main) as live:
-        result = fit(wrapped, data, train_rows, val_rows, cfg, rt, weights, augment, live, desc)
+        result = fit(wrapped, data, train_rows, val_rows, cfg, rt, weights, augment, live, desc, objective)
     model.load_state_dict(result.best_state)
     model.eval()
     return model, result, stored_kwargs
@@ -202,56 +236,73 @@ def _run_train(params: dict, split_csv: str, gray48: str, guides_dir: str, model
     rt = setup_runtime(prm["device"], prm["threads"], prm["amp"])
     try:
         data = load_data(split_csv, name, prm["model_kwargs"], gray48, guides_dir, rt.device, splits=("train",))
+        regression = data.regression
+        check_task(prm, regression)
         folds = select_folds(prm["folds"], data.folds)
         if not folds and not prm["final"]:
             raise ValueError("train.folds is none (no cross-validation) but train.final is false: nothing to train")
         models_dir = Path(models_dir)
+        task = "valence_arousal" if regression else params.get("task")
         if rt.is_main:
-            print(f"train {name}: {len(data)} training rows, classes {data.classes}, folds {folds}, "
+            what = (f"targets {data.classes} (regression, loss {'ccc' if prm['loss'] == 'ccc' else 'mse'})"
+                    if regression else f"classes {data.classes}")
+            print(f"train {name}: {len(data)} training rows, {what}, folds {folds}, "
                   f"on {rt.describe()}", flush=True)
-        base_meta = {"task": params.get("task"), "train_params": prm, "classes": data.classes,
+        base_meta = {"task": task, "train_params": prm, "classes": data.classes,
                      "preprocess": preprocess_record(data.spec, gray48, guides_dir)}
-        metrics = {"model": name, "task": params.get("task"), "classes": data.classes, "folds": {}}
+        if regression:
+            base_meta["loss"] = "ccc" if prm["loss"] == "ccc" else "mse"
+        metrics = {"model": name, "task": task, "classes": data.classes, "folds": {}}
         for k in folds:
             train_rows, val_rows = data.train_rows(exclude_fold=k), data.val_rows(k)
             live = f"{live_root}/fold{k}" if live_root else None
             model, res, kw = train_one(name, data, train_rows, val_rows, prm, rt, prm["seed"] + k,
                                        prm["max_epochs"], live, f"fold {k}")
-            metrics["folds"][str(k)] = {"val_acc": res.best_val_acc, "val_bal_acc": res.best_val_bal_acc,
-                                        "val_loss": res.best_val_loss, "best_epoch": res.best_epoch,
-                                        "epochs": res.epochs, "train_rows": len(train_rows), "val_rows": len(val_rows),
-                                        **chance_check(data, val_rows, res.best_val_acc, f"fold {k}",
-                                                       res.best_val_bal_acc)}
+            if regression:  # no accuracy, no chance level: the validation loss is the figure
+                metrics["folds"][str(k)] = {"val_loss": res.best_val_loss, "best_epoch": res.best_epoch,
+                                            "epochs": res.epochs, "train_rows": len(train_rows), "val_rows": len(val_rows)}
+            else:
+                metrics["folds"][str(k)] = {"val_acc": res.best_val_acc, "val_bal_acc": res.best_val_bal_acc,
+                                            "val_loss": res.best_val_loss, "best_epoch": res.best_epoch,
+                                            "epochs": res.epochs, "train_rows": len(train_rows), "val_rows": len(val_rows),
+                                            **chance_check(data, val_rows, res.best_val_acc, f"fold {k}",
+                                                           res.best_val_bal_acc)}
             if rt.is_main:
                 save_checkpoint(models_dir / f"fold{k}.pt", model, name, data.classes, kw, {
                     **base_meta, "fold": k, "best_epoch": res.best_epoch, "val_acc": res.best_val_acc,
                     "val_loss": res.best_val_loss, "epochs": res.epochs, "history": res.history,
                     "input": data.spec.to_dict(),  # no timings: a rerun writes identical bytes
-                    "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
-                print(f"fold {k}: best epoch {res.best_epoch} by validation {prm['select']}: acc {res.best_val_acc:.4f}, "
-                      f"balanced {res.best_val_bal_acc:.4f} ({res.epochs} epochs, {res.seconds:.1f} s, "
-                      f"{res.images_per_s:.0f} img/s)", flush=True)
-        accs = np.array([m["val_acc"] for m in metrics["folds"].values()], dtype=float)
+                    **target_meta(data), "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
+                figure = (f"loss {res.best_val_loss:.4f}" if regression else
+                          f"acc {res.best_val_acc:.4f}, balanced {res.best_val_bal_acc:.4f}")
+                print(f"fold {k}: best epoch {res.best_epoch} by validation {prm['select']}: {figure} "
+                      f"({res.epochs} epochs, {res.seconds:.1f} s, {res.images_per_s:.0f} img/s)", flush=True)
+        figure = "val_loss" if regression else "val_acc"
+        values = np.array([m[figure] for m in metrics["folds"].values()], dtype=float)
         epochs = np.array([m["best_epoch"] for m in metrics["folds"].values()], dtype=float)
         metrics["n_folds"] = len(folds)
-        metrics["folds_at_chance"] = [int(k) for k, m in metrics["folds"].items() if m.get("at_chance")]
+        if not regression:
+            metrics["folds_at_chance"] = [int(k) for k, m in metrics["folds"].items() if m.get("at_chance")]
         if folds:
-            metrics.update(val_acc_mean=float(accs.mean()), val_acc_std=float(accs.std()),
-                           best_epoch_mean=float(epochs.mean()))
+            metrics.update({f"{figure}_mean": float(values.mean()), f"{figure}_std": float(values.std()),
+                            "best_epoch_mean": float(epochs.mean())})
         if prm["final"]:
             # the epoch count chosen by cross-validation; without folds, the max_epochs budget
             n_epochs = max(1, int(round(epochs.mean()))) if folds else int(prm["max_epochs"])
             rows = data.train_rows()
             live = f"{live_root}/final" if live_root else None
             model, res, kw = train_one(name, data, rows, None, prm, rt, prm["seed"] + 1000, n_epochs, live, "final")
-            metrics["final"] = {"epochs": n_epochs, "train_rows": len(rows),
-                                "train_acc": res.history[-1]["train_acc"], "train_loss": res.history[-1]["train_loss"],
-                                **chance_check(data, rows, res.history[-1]["train_acc"], "the final model (training rows)")}
+            if regression:
+                metrics["final"] = {"epochs": n_epochs, "train_rows": len(rows), "train_loss": res.history[-1]["train_loss"]}
+            else:
+                metrics["final"] = {"epochs": n_epochs, "train_rows": len(rows),
+                                    "train_acc": res.history[-1]["train_acc"], "train_loss": res.history[-1]["train_loss"],
+                                    **chance_check(data, rows, res.history[-1]["train_acc"], "the final model (training rows)")}
             if rt.is_main:
                 save_checkpoint(models_dir / "final.pt", model, name, data.classes, kw, {
                     **base_meta, "fold": None, "best_epoch": n_epochs, "epochs": n_epochs, "history": res.history,
                     "input": data.spec.to_dict(),  # no timings: a rerun writes identical bytes
-                    "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
+                    **target_meta(data), "device": rt.describe(), "init_from": str(prm["init_from"] or "")})
                 print(f"final: {n_epochs} epochs on {len(rows)} rows ({res.seconds:.1f} s)", flush=True)
         metrics["device"] = rt.describe()  # results depend on the thread count and CPU: say which ran
         if rt.is_main and metrics_path:
@@ -259,3 +310,11 @@ def _run_train(params: dict, split_csv: str, gray48: str, guides_dir: str, model
         return metrics
     finally:
         teardown_runtime(rt)
+
+
+def target_meta(data: TensorData) -> dict:
+    """A valence/arousal model's checkpoint meta: the mean / std its targets were standardized with (the
+    training rows of its run), so inference returns the original scale: value = output * std + mean."""
+    if not data.regression:
+        return {}
+    return {"target_mean": [float(v) for v in data.target_mean], "target_std": [float(v) for v in data.target_std]}
