@@ -11,6 +11,7 @@ Formats (params: dataset.format, dataset.path, dataset.root):
   raf_db       RAF-DB / Emotion SDK list `name label` (labels 1-7, split from the name; option aligned)
   ck_sequences CK+ frames/<sequence>/<frame>.png + labels.csv (options min_length, labels, frames)
   video        one video per sequence + a labels CSV (options every, max_frames, min_length, labels)
+  ucf          class/video/frame folders, UCF-101 style: <class>/<video>/<frame>.png (option min_length)
 Relative image paths of CSV/list formats are joined to --root (default: the file's folder).
 
 Writes one packed HDF5 (images uint8 [N,size,size], ids; attrs with the class list), the manifest

@@ -600,6 +600,34 @@ def test_training_deterministic_and_learns(tmp_path):
     assert "k2" in r["by_first_k"]
 
 
+def test_ucf_layout_reads_real_ck_frames_as_ck_sequences_does(sequences_dir, tmp_path):
+    """The Deep RNN Framework's class/video/frame folders (UCF-101 style): real CK+ frames laid out as
+    <class>/<video>/<frame>.png give the ck_sequences reader's frames, order, labels and subjects."""
+    ck, _ = read_dataset("ck_sequences", sequences_dir)
+    picked = sorted(ck["sequence_id"].unique())[:12]
+    ck = ck[ck["sequence_id"].isin(picked)].reset_index(drop=True)
+    for seq, group in ck.groupby("sequence_id"):
+        folder = tmp_path / "ucf" / group["label_name"].iloc[0].capitalize() / seq
+        folder.mkdir(parents=True)
+        for src in group["source"]:
+            (folder / Path(src).name).symlink_to(src)
+    (tmp_path / "ucf" / "stray.txt").write_text("not a class folder")
+    dup = tmp_path / "ucf" / "Zzz" / picked[0]           # the same video name under another class
+    dup.mkdir(parents=True)
+    (dup / "x_001.png").symlink_to(ck["source"].iloc[0])
+    manifest, rejects = read_dataset("ucf", tmp_path / "ucf")
+    manifest = manifest.sort_values(["sequence_id", "frame_index"]).reset_index(drop=True)
+    ck = ck.sort_values(["sequence_id", "frame_index"]).reset_index(drop=True)
+    for col in ("sequence_id", "frame_index", "label_name", "subject", "frame_number"):
+        assert manifest[col].tolist() == ck[col].tolist(), col
+    assert [Path(p).name for p in manifest["source"]] == [Path(p).name for p in ck["source"]]
+    reasons = sorted(rejects["reason"])
+    assert any("file outside a class folder" in r for r in reasons)
+    assert any("video name repeated in another class" in r for r in reasons)
+    with pytest.raises(DatasetError, match="not a folder"):
+        read_dataset("ucf", tmp_path / "missing")
+
+
 def test_out_of_fold_predictions_are_the_evaluate_table_and_ensemble(tmp_path):
     """One predictions format: the sequence stage's out-of-fold CSV is the evaluate stage's table, so
     ensemble.py averages sequence models (and read_predictions gives back the pooled metrics)."""

@@ -413,7 +413,7 @@ READERS = {
     "guided_st": read_guided_st,
     "raf_db": read_raf_db,
 }
-# the sequence formats (ck_sequences, video) live in data/sequences.py, which imports this module
+# the sequence formats (ck_sequences, video, ucf) live in data/sequences.py, which imports this module
 
 READERS.update(SEQUENCE_READERS)
 

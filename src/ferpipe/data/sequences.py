@@ -49,6 +49,40 @@ def _subject_of(sequence_id: str) -> str:
     return m.group(1) if m else ""
 
 
+def _sequence_frames(folder: str, rejects: list[dict], unlisted=None, unlisted_reason: str = "") -> list[tuple]:
+    """[(frame number, file stem, path)] of one sequence folder's images, by the number at the end of the
+    stem; other entries (folders, non-images, no or a repeated number, names `unlisted(name)` says
+    are not listed) become rejects rows."""
+    found, numbers = [], {}
+    for f, f_is_dir in _entries(folder, rejects, key=lambda f: f.name):
+        stem, ext = os.path.splitext(f.name)
+        if f_is_dir:
+            rejects.append({"source": f.path, "line": -1, "reason": "folder inside a sequence folder (not read)"})
+        elif ext.lower() not in IMAGE_EXTENSIONS:
+            rejects.append({"source": f.path, "line": -1, "reason": "not an image extension"})
+        elif unlisted is not None and unlisted(f.name):
+            rejects.append({"source": f.path, "line": -1, "reason": unlisted_reason})
+        elif not (m := _TRAILING_NUMBER.search(stem)):
+            rejects.append({"source": f.path, "line": -1, "reason": "no frame number at the end of the file name"})
+        elif int(m.group(1)) in numbers:
+            rejects.append({"source": f.path, "line": -1,
+                            "reason": f"duplicate frame number {int(m.group(1))} (first: {numbers[int(m.group(1))]})"})
+        else:
+            numbers[int(m.group(1))] = f.name
+            found.append((int(m.group(1)), stem, f.path))
+    return found
+
+
+def _long_enough(found: list, source: str, line: int, min_length: int, rejects: list[dict]) -> bool:
+    """False (and a rejects row) for a sequence with no frames or fewer than min_length."""
+    if not found:
+        rejects.append({"source": source, "line": line, "reason": "empty sequence (no frames)"})
+    elif len(found) < min_length:
+        rejects.append({"source": source, "line": line,
+                        "reason": f"sequence too short: {len(found)} frame(s) < min_length {min_length}"})
+    return len(found) >= max(1, min_length)
+
+
 def _sequence_labels(df: pd.DataFrame, key: str, rejects: list[dict], source_of) -> dict[str, tuple[str, int]]:
     """{sequence key: (canonical label, csv line)}; sequences whose rows disagree or are empty -> rejects."""
     from ferpipe.data.labels import canonical
@@ -140,33 +174,13 @@ def read_ck_sequences(path, root: str = "", split: str = "train", min_length: in
             rejects.append({"source": folder.path, "line": -1, "reason": f"sequence folder has no {csv.name} row"})
             continue
         label, line = seq_labels[seq]
-        found, numbers = [], {}
-        for f, f_is_dir in _entries(folder.path, rejects, key=lambda f: f.name):
-            stem, ext = os.path.splitext(f.name)
-            if f_is_dir:
-                rejects.append({"source": f.path, "line": -1, "reason": "folder inside a sequence folder (not read)"})
-            elif ext.lower() not in IMAGE_EXTENSIONS:
-                rejects.append({"source": f.path, "line": -1, "reason": "not an image extension"})
-            elif frame_labels is not None and (seq, f.name) not in frame_labels:
-                rejects.append({"source": f.path, "line": -1, "reason": f"frame has no {csv.name} row"})
-            elif not (m := _TRAILING_NUMBER.search(stem)):
-                rejects.append({"source": f.path, "line": -1, "reason": "no frame number at the end of the file name"})
-            elif int(m.group(1)) in numbers:
-                rejects.append({"source": f.path, "line": -1,
-                                "reason": f"duplicate frame number {int(m.group(1))} (first: {numbers[int(m.group(1))]})"})
-            else:
-                numbers[int(m.group(1))] = f.name
-                found.append((int(m.group(1)), stem, f.path))
+        unlisted = None if frame_labels is None else (lambda name: (seq, name) not in frame_labels)
+        found = _sequence_frames(folder.path, rejects, unlisted, f"frame has no {csv.name} row")
         if frame_labels is not None:
             for (s, name), fline in frame_labels.items():
                 if s == seq and not (Path(folder.path) / name).is_file():
                     rejects.append({"source": str(Path(folder.path) / name), "line": fline, "reason": "file not found"})
-        if not found:
-            rejects.append({"source": folder.path, "line": line, "reason": "empty sequence (no frames)"})
-            continue
-        if len(found) < min_length:
-            rejects.append({"source": folder.path, "line": line,
-                            "reason": f"sequence too short: {len(found)} frame(s) < min_length {min_length}"})
+        if not _long_enough(found, folder.path, line, min_length, rejects):
             continue
         subject = subjects.get(seq) or _subject_of(seq)
         for index, (number, stem, source) in enumerate(sorted(found)):
@@ -258,4 +272,53 @@ def read_video(path, root: str = "", split: str = "train", labels: str = "labels
     return _finish(rows, rejects, str(csv))
 
 
-SEQUENCE_READERS = {"ck_sequences": read_ck_sequences, "video": read_video}
+# ---------------------------------------------------------------------------------------------
+# class / video / frame folders
+
+_UCF_GROUP = re.compile(r"_(g\d+)_", re.IGNORECASE)
+
+
+def read_ucf(path, root: str = "", split: str = "train", min_length: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """UCF-101 layout (the Deep RNN Framework's data): `<path>/<class>/<video>/<frame#>.<ext>`.
+
+    label = the class folder's name (canonical: `Happiness` -> `happy`; other class names kept,
+    lower-cased); sequence_id = the video folder's name, which must be unique across classes (a
+    repeat is rejected); frames ordered by the number at the end of the file stem. subject = UCF's
+    group (`v_Biking_g08_c01` -> `g08`, so folds keep a group's clips together), else CK+'s `Sxxx`
+    prefix, else none. `root` is unused (the layout is the folder itself).
+    """
+    from ferpipe.data.labels import canonical
+    split_c = split_name(split)
+    if split_c is None:
+        raise DatasetError(f"ucf: split {split!r} is not a split name (train/val/test)")
+    top = Path(path)
+    if not top.is_dir():
+        raise DatasetError(f"{top}: not a folder (ucf: <folder>/<class>/<video>/<frame>.png)")
+    rejects: list[dict] = []
+    rows, seen = [], {}
+    for cls, cls_is_dir in _entries(top, rejects, key=lambda e: e.name):
+        if not cls_is_dir:
+            rejects.append({"source": cls.path, "line": -1, "reason": "file outside a class folder"})
+            continue
+        for video, is_dir in _entries(cls.path, rejects, key=lambda e: e.name):
+            if not is_dir:
+                rejects.append({"source": video.path, "line": -1, "reason": "file outside a video folder"})
+                continue
+            if video.name in seen:
+                rejects.append({"source": video.path, "line": -1,
+                                "reason": f"video name repeated in another class (first: {seen[video.name]})"})
+                continue
+            seen[video.name] = video.path
+            found = _sequence_frames(video.path, rejects)
+            if not _long_enough(found, video.path, -1, min_length, rejects):
+                continue
+            group = _UCF_GROUP.search(video.name)
+            subject = group.group(1).lower() if group else _subject_of(video.name)
+            for index, (number, stem, source) in enumerate(sorted(found)):
+                rows.append({"id": f"{video.name}/{stem}", "source": source, "split": split_c,
+                             "label_name": canonical(cls.name), "sequence_id": video.name, "frame_index": index,
+                             "subject": subject, "frame_number": number})
+    return _finish(rows, rejects, str(top))
+
+
+SEQUENCE_READERS = {"ck_sequences": read_ck_sequences, "video": read_video, "ucf": read_ucf}
