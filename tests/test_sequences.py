@@ -600,6 +600,17 @@ def test_training_deterministic_and_learns(tmp_path):
     assert "k2" in r["by_first_k"]
 
 
+def test_clip_positions_uniform_random_and_short_sequences():
+    from ferpipe.sequences.data import clip_positions
+    assert clip_positions(16, 4).tolist() == [2, 6, 10, 14]          # the centre of each quarter
+    assert clip_positions(3, 5).tolist() == [0, 0, 1, 2, 2]          # shorter than the clip: frames repeat
+    rng = np.random.default_rng(0)
+    r = clip_positions(20, 16, rng)
+    assert len(set(r.tolist())) == 16 and (np.diff(r) > 0).all() and r.max() < 20   # in order, no repeats
+    with pytest.raises(ValueError, match="clip_frames samples whole sequences"):
+        SequenceConfig(clip_frames=4, rho=2).validate()
+
+
 def test_ucf_layout_reads_real_ck_frames_as_ck_sequences_does(sequences_dir, tmp_path):
     """The Deep RNN Framework's class/video/frame folders (UCF-101 style): real CK+ frames laid out as
     <class>/<video>/<frame>.png give the ck_sequences reader's frames, order, labels and subjects."""
@@ -739,6 +750,11 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     t = read_h5(w / "test.h5")
     assert t["outputs"].shape == (262, 7) and t["steps"].shape == (262, 4, 7) and t["seq_number"].dtype == np.int32
     assert np.allclose(t["outputs"].sum(1), 1, atol=1e-5) and t["label"].shape == (262, 1)
+    # clips of 3 frames per real CK+ sequence (the Emotion SDK's clip sampling), random in training
+    load_stage("train_sequence").main(args + ["-S", "clip_frames=3", "-S", "clip_sampling=random",
+                                              "-S", "train.epochs=2", "-S", "train.final=false"])
+    clipped = json.loads((w / "seq.json").read_text())
+    assert set(clipped["by_first_k"]) == {"k1", "k2", "k3"} and clipped["sequences"] == 262
     # a short window longer than every sequence is a clear error
     with pytest.raises(ValueError, match="no test sample|empty training"):
         load_stage("train_sequence").main(args + ["-S", "rho=5", "-S", "train.final=false"])

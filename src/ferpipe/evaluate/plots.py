@@ -55,6 +55,25 @@ def worst_errors(y: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
     return wrong[order[:k]]
 
 
+def _error_sheet(path: str | os.PathLike, images: np.ndarray, idx: np.ndarray, titles: list[str], title: str,
+                 cols: int, cell: tuple[float, float], fontsize: float) -> int:
+    """A contact sheet of images[idx] titled one by one (a 'no errors' sheet when idx is empty)."""
+    n = len(idx)
+    cols = max(1, min(cols, n)) if n else 1
+    rows = max(1, int(np.ceil(n / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i, text in zip(axes.ravel(), idx, titles):
+        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(text, fontsize=fontsize)
+    if n == 0:
+        axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+    return n
+
+
 def errors_png(path: str | os.PathLike, images: np.ndarray, y: np.ndarray, probs: np.ndarray,
                classes: list[str], k: int = 36, cols: int = 6, title: str = "") -> int:
     """Contact sheet of the k most confident errors, each titled true / predicted (probability).
@@ -62,20 +81,8 @@ def errors_png(path: str | os.PathLike, images: np.ndarray, y: np.ndarray, probs
     Returns how many errors are shown (a sheet saying 'no errors' when there are none)."""
     idx = worst_errors(y, probs, k)
     pred = probs.argmax(1)
-    n = len(idx)
-    cols = max(1, min(cols, n)) if n else 1
-    rows = max(1, int(np.ceil(n / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.0 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), idx):
-        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred[i]]} {probs[i, pred[i]]:.2f}", fontsize=7)
-    if n == 0:
-        axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center")
-    fig.suptitle(title or f"{n} most confident errors", fontsize=9)
-    _save(fig, path)
-    return n
+    titles = [f"true {classes[y[i]]}\npred {classes[pred[i]]} {probs[i, pred[i]]:.2f}" for i in idx]
+    return _error_sheet(path, images, idx, titles, title or f"{len(idx)} most confident errors", cols, (1.7, 2.0), 7)
 
 
 def scatter_png(path: str | os.PathLike, y: np.ndarray, pred: np.ndarray, names: list[str], title: str = "",
@@ -110,21 +117,10 @@ def regression_errors_png(path: str | os.PathLike, images: np.ndarray, y: np.nda
     y, pred = np.asarray(y, float), np.asarray(pred, float)
     dist = np.sqrt(((y - pred) ** 2).sum(1))
     idx = np.argsort(-dist, kind="stable")[:k]
-    n = len(idx)
-    cols = max(1, min(cols, n)) if n else 1
-    rows = max(1, int(np.ceil(n / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
     short = [name[0] for name in names]
-    for ax, i in zip(axes.ravel(), idx):
-        ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
-        true = " ".join(f"{s} {v:+.2f}" for s, v in zip(short, y[i]))
-        got = " ".join(f"{s} {v:+.2f}" for s, v in zip(short, pred[i]))
-        ax.set_title(f"true {true}\npred {got}", fontsize=6)
-    fig.suptitle(title or f"{n} largest errors", fontsize=9)
-    _save(fig, path)
-    return n
+    titles = [f"true {' '.join(f'{s} {v:+.2f}' for s, v in zip(short, y[i]))}\n"
+              f"pred {' '.join(f'{s} {v:+.2f}' for s, v in zip(short, pred[i]))}" for i in idx]
+    return _error_sheet(path, images, idx, titles, title or f"{len(idx)} largest errors", cols, (1.9, 2.1), 6)
 
 
 def curves_png(path: str | os.PathLike, histories: dict[str, list[dict]], title: str = "") -> None:

@@ -201,12 +201,17 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
     if errors_path:
         images = data.pixels[rows, 0].cpu().numpy()
         errors_png(errors_path, images, y, probs, classes, int(prm["errors"]), title=f"{name}: most confident errors")
+    _write_metrics(metrics, metrics_path, results_path, train_metrics, params.get("recipe"))
+    return metrics
+
+
+def _write_metrics(metrics: dict, metrics_path, results_path, train_metrics, recipe: str | None) -> None:
+    """eval.json and the one-screen summary (``headline``, with the train stage's figures when given)."""
     if metrics_path:
         write_json(metrics_path, metrics)
     if results_path:
         train = json.loads(Path(train_metrics).read_text()) if train_metrics and Path(train_metrics).is_file() else None
-        write_text(results_path, json.dumps(headline(metrics, train, params.get("recipe")), indent=2) + "\n")
-    return metrics
+        write_text(results_path, json.dumps(headline(metrics, train, recipe), indent=2) + "\n")
 
 
 def _evaluate_regression(params: dict, prm: dict, header: dict, table, data: TensorData, rows: torch.Tensor,
@@ -225,9 +230,5 @@ def _evaluate_regression(params: dict, prm: dict, header: dict, table, data: Ten
         images = data.pixels[rows, 0].cpu().numpy()
         regression_errors_png(errors_path, images, y, pred, names, int(prm["errors"]),
                               title=f"{header['model']}: largest errors")
-    if metrics_path:
-        write_json(metrics_path, metrics)
-    if results_path:
-        train = json.loads(Path(train_metrics).read_text()) if train_metrics and Path(train_metrics).is_file() else None
-        write_text(results_path, json.dumps(headline(metrics, train, params.get("recipe")), indent=2) + "\n")
+    _write_metrics(metrics, metrics_path, results_path, train_metrics, params.get("recipe"))
     return metrics

@@ -21,6 +21,8 @@ class SequenceConfig:
     task: str = "classify"            # classify | regress
     rho: int = 0                      # 0 = whole sequences (masked many-to-one); > 0 = windows of rho frames
     max_len: int = 0                  # whole sequences: keep the last max_len frames (0 = all)
+    clip_frames: int = 0              # whole sequences: clips of N frames sampled from each (0 = every frame; SDK: 16)
+    clip_sampling: str = "uniform"    # uniform | random (training clips drawn at random per fold, seeded; others uniform)
     encoder: str = "none"             # frame encoder for raw frames (features mode images): none | simple | simple_fc | conv
     encoder_width: int = 16
     encoder_init: str = ""            # simple encoder: start from this CNN checkpoint's trunk (fine-tuned end to end)
@@ -89,6 +91,10 @@ class SequenceConfig:
         if self.select not in SELECT or (self.task == "regress" and self.select != "loss"):
             raise ValueError(f"sequence.train.select must be one of {', '.join(SELECT)} (regress: loss), "
                              f"got {self.select!r}")
+        if self.clip_frames < 0 or self.clip_sampling not in ("uniform", "random"):
+            raise ValueError("sequence.clip_frames must be >= 0 and clip_sampling uniform or random")
+        if self.clip_frames and (self.rho or self.anticipation_first):
+            raise ValueError("sequence.clip_frames samples whole sequences: it needs rho 0 and no anticipation")
         parse_first(self.anticipation_first)
         if self.anticipation_first and (self.task != "classify" or self.rho):
             raise ValueError("anticipation needs task classify and whole sequences (rho 0)")

@@ -150,8 +150,19 @@ class Samples:
         return len(self.seq)
 
 
-def make_samples(data: SequenceData, seqs, rho: int = 0, max_len: int = 0, first=0) -> Samples:
-    """Windows (rho > 0) or whole left-padded sequences (rho = 0), optionally the first k frames only."""
+def clip_positions(n: int, frames: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """`frames` positions in a sequence of n frames, in order: spread uniformly (the centre of each of
+    `frames` equal parts), or with `rng` drawn at random (without repeats when n >= frames). A sequence
+    shorter than `frames` repeats frames, so every clip has the same length (Emotion SDK's 16-frame clips)."""
+    if rng is None:
+        return np.floor((np.arange(frames) + 0.5) * n / frames).astype(np.int64)
+    return np.sort(rng.choice(n, size=frames, replace=n < frames)).astype(np.int64)
+
+
+def make_samples(data: SequenceData, seqs, rho: int = 0, max_len: int = 0, first=0, clip: int = 0,
+                 rng: np.random.Generator | None = None) -> Samples:
+    """Windows (rho > 0) or whole left-padded sequences (rho = 0), optionally the first k frames only,
+    or (clip > 0) clips of `clip` frames sampled from each sequence (``clip_positions``; `rng`: at random)."""
     rows, targets, owner, skipped = [], [], [], {}
     for s in np.asarray(seqs, np.int64):
         a, n = int(data.starts[s]), int(data.lengths[s])
@@ -168,6 +179,8 @@ def make_samples(data: SequenceData, seqs, rho: int = 0, max_len: int = 0, first
         frames = list(range(a, a + k))
         if max_len:
             frames = frames[-max_len:]
+        if clip:
+            frames = [frames[i] for i in clip_positions(len(frames), clip, rng)]
         rows.append(frames)
         targets.append(a + n - 1)  # the sequence's label, also when only its first frames are seen
         owner.append(s)

@@ -87,8 +87,9 @@ def train_one(data: SequenceData, train_seqs, val_seqs, cfg: SequenceConfig, see
               live_dir: str | None = None, desc: str = "train") -> tuple[nn.Module, dict]:
     """Train one model on the training sequences, selecting on the validation ones; the best state loaded."""
     seed_everything(seed)
-    tr = make_samples(data, train_seqs, cfg.rho, cfg.max_len, cfg.anticipation_first)
-    va = make_samples(data, val_seqs, cfg.rho, cfg.max_len, cfg.anticipation_first)
+    draw = np.random.default_rng(seed) if cfg.clip_sampling == "random" else None
+    tr = make_samples(data, train_seqs, cfg.rho, cfg.max_len, cfg.anticipation_first, cfg.clip_frames, draw)
+    va = make_samples(data, val_seqs, cfg.rho, cfg.max_len, cfg.anticipation_first, cfg.clip_frames)
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f"{desc}: empty training ({len(tr)}) or validation ({len(va)}) set")
     batches = SequenceBatches(data, [tr, va], rt.device)
@@ -184,7 +185,7 @@ def cross_validate(data: SequenceData, cfg: SequenceConfig, rt: Runtime | None =
         fold_data = data.fold_view(train)  # statistics of this fold's training frames only
         model, info = train_one(fold_data, train, val, cfg, cfg.seed * 1000 + k, rt,
                                 live_dir and f"{live_dir}/fold{k}", f"fold {k}")
-        te = make_samples(fold_data, test, cfg.rho, cfg.max_len, cfg.anticipation_first)
+        te = make_samples(fold_data, test, cfg.rho, cfg.max_len, cfg.anticipation_first, cfg.clip_frames)
         if len(te) == 0:
             raise ValueError(f"fold {k}: no test sample (every sequence shorter than rho={cfg.rho}?)")
         skipped.update({**info["skipped"], **te.skipped})
@@ -329,7 +330,8 @@ def run_test_only(model_path, features_h5, out_h5, metrics_path=None) -> dict:
     if cfg.task == "regress":
         data.label_mean = np.asarray(info["meta"]["label_mean"], np.float32)
         data.label_std = np.asarray(info["meta"]["label_std"], np.float32)
-    samples = make_samples(data, np.arange(len(data.starts)), cfg.rho, cfg.max_len, cfg.anticipation_first)
+    samples = make_samples(data, np.arange(len(data.starts)), cfg.rho, cfg.max_len, cfg.anticipation_first,
+                           cfg.clip_frames)
     if len(samples) == 0:
         raise ValueError(f"{features_h5}: no sample (every sequence is shorter than rho={cfg.rho})")
     m, steps = evaluate_samples(model, data, samples, cfg)
