@@ -745,6 +745,17 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     assert meta["model_kwargs"]["in_shape"] == list(model.in_shape) and meta["model_kwargs"]["hidden"] == 32
     with pytest.raises(CheckpointError, match=r"a sequence model \('lstm', from train_sequence\)"):
         load_checkpoint(w / "seq.pt")
+    # train.init_from (LSTM-on-CNN --load): a fold starts from the saved weights (at lr 0 it keeps them)
+    from ferpipe.sequences.train import train_one
+    from ferpipe.train.loop import Runtime
+    data = load_sequences(w / "f.h5")
+    resume = {"lstm": {"hidden": 32}, "folds": 3, "train": {"epochs": 1, "lr": 0.0, "init_from": str(w / "seq.pt")}}
+    again, _ = train_one(data, np.arange(200), np.arange(200, 262), SequenceConfig.from_params(resume), 0,
+                         Runtime(torch.device("cpu")))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match="do not fit this lstm model"):
+        train_one(data, np.arange(200), np.arange(200, 262),
+                  SequenceConfig.from_params({**resume, "lstm": {"hidden": 16}}), 0, Runtime(torch.device("cpu")))
     load_stage("train_sequence").main(["--test-only", "--model-in", str(w / "seq.pt"), "--features", str(w / "f.h5"),
                                        "--outputs", str(w / "test.h5"), "--metrics", str(w / "test.json")])
     t = read_h5(w / "test.h5")

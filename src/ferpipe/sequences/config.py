@@ -39,6 +39,7 @@ class SequenceConfig:
     balanced: bool = False
     augment: bool = False             # raw frames: random flip + shift, the same for every frame of a sample
     shift: int = 3
+    init_from: str = ""               # start every fold from this saved sequence model (LSTM-on-CNN --load)
     select: str = "loss"              # the validation figure that picks the best epoch: loss | accuracy | balanced_accuracy
     seed: int = 2020
     folds: int = 4
@@ -50,7 +51,7 @@ class SequenceConfig:
 
     # params.yaml: these fields sit in the sequence.train group; the other stages' sub-sections of `sequence`
     TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "epochs", "patience", "clip", "balanced", "augment", "shift",
-                  "select", "seed", "final", "device", "threads")
+                  "init_from", "select", "seed", "final", "device", "threads")
     OTHER_STAGES = ("dataset", "features", "landmarks_passes")
 
     @classmethod

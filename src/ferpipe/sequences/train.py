@@ -96,6 +96,13 @@ def train_one(data: SequenceData, train_seqs, val_seqs, cfg: SequenceConfig, see
     model = build_sequence_model(cfg.model, data.in_shape, data.num_outputs, **cfg.model_kwargs())
     if cfg.encoder_init:
         init_encoder(model, cfg.encoder_init)
+    if cfg.init_from:  # continue from a saved model (LSTM-on-CNN --load): same kind, sizes and outputs
+        saved, _ = load_sequence_model(cfg.init_from)
+        try:
+            model.load_state_dict(saved.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"{cfg.init_from}: its weights do not fit this {cfg.model} model "
+                             f"({str(e).splitlines()[0][:160]})") from None
     model.to(rt.device)
     objective = sequence_objective(cfg, batches.class_counts(batches.part(0)) if batches.classes else None)
     augment = ClipAugment(cfg.shift, seed) if cfg.augment and data.in_shape[1] > 1 else None
