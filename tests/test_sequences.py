@@ -385,6 +385,34 @@ def test_listfile_sequences_through_ingest_and_features(tmp_path):
     assert d.regression == ["label_value"] and list(d.lengths) == [3, 3]
 
 
+def test_list_file_with_several_labels_per_frame_regresses_them_jointly(ck_frames, tmp_path):
+    """LSTM-on-CNN list files carry N labels per frame (`path l1 l2 seq`): every label reaches the features
+    file (label_value, label_value_2) and train_sequence regresses them jointly. Real CK+ frames; the two
+    labels are generated from the frame's position (a rising and a falling intensity)."""
+    man = pd.read_csv(ck_frames / "ingest/manifest.csv", keep_default_na=False)
+    man = man[man["sequence_id"].isin(sorted(man["sequence_id"].unique())[:24])]
+    lines = []
+    for seq_no, (_, group) in enumerate(man.groupby("sequence_id", sort=True)):
+        n = len(group)
+        for _, row in group.sort_values("frame_index").iterrows():
+            rise = (row["frame_index"] + 1) / n
+            lines.append(f"{row['source']} {rise:.3f} {1 - rise:.3f} {seq_no}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    o = tmp_path / "out"
+    run_ingest("listfile", tmp_path / "list.txt", "", o / "images.h5", o / "manifest.csv", o / "rejects.csv", None, None,
+               size=24, workers=1, options={"per_frame_labels": True, "outside_root": True}, progress=False)
+    run_features(o / "images.h5", o / "manifest.csv", tmp_path / "f.h5", mode="images", size=16)
+    f = read_h5(tmp_path / "f.h5")
+    assert np.allclose(f["label_value"][:, 0] + f["label_value_2"][:, 0], 1, atol=1e-3)
+    d = load_sequences(tmp_path / "f.h5", "regress")
+    assert d.regression == ["label_value", "label_value_2"] and d.frame_y.shape[1] == 2
+    cfg = SequenceConfig(model="lstm", task="regress", folds=3, epochs=2, lstm={"hidden": 8, "depth": 1, "dropout": 0.0},
+                         rho=2)
+    r = cross_validate(d, cfg, progress=None)
+    assert {"mse_label_value", "mse_label_value_2", "ccc_label_value_2"} <= set(r["mean"])
+    assert {"actual_label_value_2", "predicted_label_value_2"} <= set(r["predictions"].columns)
+
+
 # ------------------------------------------------------------------------------------------------
 # models
 

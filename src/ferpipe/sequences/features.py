@@ -15,7 +15,8 @@ File layout (one row per frame; frames of a sequence contiguous and in frame ord
                 images mode
   label         int64 (N, 1)    class index into attrs["classes"] (-1 = no label)
   valence, arousal, label_value  float32 (N, 1)  raw regression targets, when the manifest has them
-                (label_value = the first label of an LSTM-on-CNN list file, e.g. a pain intensity)
+                (label_value = the first label of an LSTM-on-CNN list file, e.g. a pain intensity;
+                label_value_2, label_value_3 ... its further labels, NaN where a line has fewer)
   seq_number    int32 (N,)      0, 1, ... one number per sequence, in order
   paths         str (N,)        the frame's source; ids, sequence_id, subject (str), frame_index (int32)
   mean, std     float32 [C, H, W]  the statistics applied (std = 1 in images mode)
@@ -308,6 +309,12 @@ def frame_labels(manifest: pd.DataFrame, classes: list[str] | None = None) -> tu
     for name in REGRESSION_LABELS:
         if name in manifest and manifest[name].notna().any():
             labels[name] = manifest[name].to_numpy(np.float32)[:, None]
+            regression.append(name)
+    if "labels_extra" in manifest:  # a list file's 2nd, 3rd ... labels: label_value_2, label_value_3, ...
+        extra = manifest["labels_extra"].map(lambda v: "" if pd.isna(v) else str(v)).str.split()
+        for j in range(int(extra.str.len().max() or 0)):
+            name = f"label_value_{j + 2}"
+            labels[name] = np.array([float(v[j]) if len(v) > j else np.nan for v in extra], np.float32)[:, None]
             regression.append(name)
     return labels, classes, regression
 
