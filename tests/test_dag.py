@@ -104,7 +104,7 @@ def _read_by_code() -> dict[str, set[str]]:
     from ferpipe.sequences.features import DEFAULTS as FEATURES
     seq = set()
     for f in fields(SequenceConfig):
-        if f.name in ("lstm", "cbm", "frame"):
+        if f.name in ("lstm", "cbm", "convlstm", "frame"):
             seq |= set(_leaves(f.default_factory(), f"sequence.{f.name}"))
         elif f.name.startswith("anticipation_"):
             seq.add(f"sequence.anticipation.{f.name[len('anticipation_'):]}")

@@ -48,7 +48,7 @@ def _spec(family: str, image: str = "gray48", guide: str | None = None,
 
 
 # train_sequence's models (ferpipe.models.sequence; not built by build_model: they take frame sequences)
-SEQUENCE_MODELS = ("lstm", "cbm", "frame")
+SEQUENCE_MODELS = ("lstm", "cbm", "convlstm", "frame")
 
 MODEL_SPECS: dict[str, dict[str, Any]] = {
     "baseline": _spec("deep_emotion"),

@@ -247,13 +247,17 @@ class CBMNet(_Base):
         c, h, w = self.feat_shape
         self.kernel = int(kernel) or (1 if (h, w) == (1, 1) else 3)
         self.cells = nn.ModuleList(
-            CBMCell(c if i == 0 else hidden, hidden, self.kernel, temporal_dropout) for i in range(depth))
+            self.make_cell(c if i == 0 else hidden, hidden, self.kernel, temporal_dropout) for i in range(depth))
         self.shortcut = int(shortcut)
         self.shortcut_layers = [l for l in range(1, depth + 1) if self.shortcut and l % self.shortcut == 0]
         # the first block's input has c channels: project it to hidden for its shortcut
         self.proj = nn.Conv2d(c, hidden, 1, bias=False) if self.shortcut_layers and c != hidden else None
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, self.num_outputs)
+
+    @staticmethod
+    def make_cell(in_ch: int, hidden: int, kernel: int, temporal_dropout: float) -> nn.Module:
+        return CBMCell(in_ch, hidden, kernel, temporal_dropout)
 
     def steps(self, x, mask=None):
         mask = self._mask(x, mask)
@@ -271,6 +275,46 @@ class CBMNet(_Base):
                 block_in = h
         y = self.head(self.drop(h.mean(dim=(3, 4))))
         return y * mask[..., None].to(y.dtype)
+
+
+class ConvLSTMCell(nn.Module):
+    """One ConvLSTM layer (Shi et al. 2015, no peepholes) over a whole left-padded sequence: gates from
+    conv(x_t) + conv(h_prev); padded steps keep the state and output zero, so padding changes nothing."""
+
+    def __init__(self, in_ch: int, hidden: int, kernel: int = 1):
+        super().__init__()
+        pad = kernel // 2
+        self.hidden = hidden
+        self.conv_x = nn.Conv2d(in_ch, 4 * hidden, kernel, padding=pad)
+        self.conv_h = nn.Conv2d(hidden, 4 * hidden, kernel, padding=pad, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C, H, W], mask [B, T] -> h [B, T, hidden, H, W] (zero at padded steps)."""
+        B, T = mask.shape
+        gates_x = self.conv_x(x.reshape(B * T, *x.shape[2:])).view(B, T, 4 * self.hidden, *x.shape[3:])
+        h = x.new_zeros(B, self.hidden, *x.shape[3:])
+        c = torch.zeros_like(h)
+        hs = []
+        for t in range(T):
+            i, f, g, o = (gates_x[:, t] + self.conv_h(h)).chunk(4, 1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            m = mask[:, t].view(B, 1, 1, 1)
+            c, h = torch.where(m, c_new, c), torch.where(m, h_new, h)
+            hs.append(torch.where(m, h_new, torch.zeros_like(h_new)))
+        return torch.stack(hs, 1)
+
+
+class ConvLSTMNet(CBMNet):
+    """The Deep RNN paper's comparison row: the same deep stack (depth, shortcuts, head) of ConvLSTM cells."""
+
+    def __init__(self, in_shape, num_outputs, hidden: int = 64, depth: int = 15, shortcut: int = 5,
+                 kernel: int = 0, dropout: float = 0.5, encoder: str = "none", encoder_width: int = 16):
+        super().__init__(in_shape, num_outputs, hidden, depth, shortcut, kernel, 0.0, dropout, encoder, encoder_width)
+
+    @staticmethod
+    def make_cell(in_ch: int, hidden: int, kernel: int, temporal_dropout: float) -> nn.Module:
+        return ConvLSTMCell(in_ch, hidden, kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +362,7 @@ def init_encoder(model: nn.Module, checkpoint) -> list[str]:
     return sorted(new)
 
 
-_CLASSES = {"lstm": LSTMNet, "cbm": CBMNet, "frame": FrameNet}
+_CLASSES = {"lstm": LSTMNet, "cbm": CBMNet, "convlstm": ConvLSTMNet, "frame": FrameNet}
 
 
 def build_sequence_model(kind: str, in_shape, num_outputs: int, **kw) -> nn.Module:

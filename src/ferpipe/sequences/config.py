@@ -17,7 +17,7 @@ TASKS = ("classify", "regress")
 @dataclass
 class SequenceConfig:
     """Every knob of train_sequence (params.yaml `sequence:` section, see `from_params`)."""
-    model: str = "lstm"               # lstm | cbm | frame
+    model: str = "lstm"               # lstm | cbm | convlstm | frame
     task: str = "classify"            # classify | regress
     rho: int = 0                      # 0 = whole sequences (masked many-to-one); > 0 = windows of rho frames
     max_len: int = 0                  # whole sequences: keep the last max_len frames (0 = all)
@@ -29,6 +29,8 @@ class SequenceConfig:
     lstm: dict = field(default_factory=lambda: {"hidden": 256, "depth": 1, "dropout": 0.5})
     cbm: dict = field(default_factory=lambda: {"hidden": 64, "depth": 15, "shortcut": 5, "kernel": 0,
                                                "temporal_dropout": 0.3, "dropout": 0.5})
+    convlstm: dict = field(default_factory=lambda: {"hidden": 64, "depth": 15, "shortcut": 5, "kernel": 0,
+                                                    "dropout": 0.5})
     frame: dict = field(default_factory=lambda: {"hidden": 50, "dropout": 0.5})
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -76,7 +78,7 @@ class SequenceConfig:
         if unknown:
             raise ValueError(f"unknown sequence params {sorted(unknown)}")
         cfg = cls(**{k: v for k, v in flat.items() if k in names})
-        for group in ("lstm", "cbm", "frame"):  # partial groups keep the other defaults
+        for group in KINDS:  # partial groups keep the other defaults
             setattr(cfg, group, {**getattr(cls(), group), **(getattr(cfg, group) or {})})
         cfg.validate()
         return cfg
