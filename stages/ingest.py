@@ -6,7 +6,8 @@ Formats (params: dataset.format, dataset.path, dataset.root):
   fer2013_csv  the original fer2013.csv (emotion, pixels, Usage)
   affectnet    AffectNet training.csv / validation.csv (face box cropped; --split val for validation),
                or the folder holding both (one manifest: splits train and val)
-  listfile     LSTM-on-CNN list file: path label [label2 ...] seq_number (--sort, --ignore-missing)
+  listfile     LSTM-on-CNN list file: path label [label2 ...] seq_number (--sort, --ignore-missing); or a
+               folder with train.txt, val.txt [, test.txt]: one manifest, each list in its split
   guided_st    Guided-ST CSV emotion;path;in_set;fold (3-class polarity)
   raf_db       RAF-DB / Emotion SDK list `name label` (labels 1-7, split from the name; option aligned)
   ck_sequences CK+ frames/<sequence>/<frame>.png + labels.csv (options min_length, labels, frames)

@@ -413,6 +413,45 @@ def test_list_file_with_several_labels_per_frame_regresses_them_jointly(ck_frame
     assert {"actual_label_value_2", "predicted_label_value_2"} <= set(r["predictions"].columns)
 
 
+def test_train_and_val_list_files_instead_of_folds(ck_frames, tmp_path):
+    """LSTM-on-CNN's workflow: a train list, a validation list and a test list (real CK+ frames, split by
+    subject) -> one ingest (a listfile folder) -> features -> train_sequence -S folds=0: trained on train,
+    selected on val, scored on test only; the saved model is that one."""
+    man = pd.read_csv(ck_frames / "ingest/manifest.csv", keep_default_na=False)
+    subjects = sorted(man["subject"].unique())
+    part = {s: ("test" if i % 5 == 0 else "val" if i % 5 == 1 else "train") for i, s in enumerate(subjects)}
+    classes = sorted(man["label_name"].unique())
+    lines = {"train": [], "val": [], "test": []}
+    for seq_no, (_, group) in enumerate(man.groupby("sequence_id", sort=True)):
+        split = part[group["subject"].iloc[0]]
+        for _, row in group.sort_values("frame_index").iterrows():
+            lines[split].append(f"{row['source']} {classes.index(row['label_name'])} {seq_no}")
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for split, rows in lines.items():
+        (lists / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    (lists / "val.txt").write_text((lists / "val.txt").read_text() + lines["train"][0] + "\n")  # also in train
+    o = tmp_path / "out"
+    res = run_ingest("listfile", lists, "", o / "images.h5", o / "manifest.csv", o / "rejects.csv", None, None,
+                     size=24, workers=1, options={"outside_root": True}, progress=False)
+    rej = pd.read_csv(o / "rejects.csv")
+    assert rej["reason"].str.contains("also in an earlier list").sum() == 1
+    run_features(o / "images.h5", o / "manifest.csv", tmp_path / "f.h5", mode="images", size=16)
+    w = tmp_path / "run"
+    load_stage("train_sequence").main(["--params", str(tmp_path / "none.yaml"), "--features", str(tmp_path / "f.h5"),
+                                       "--model-out", str(w / "m.pt"), "--metrics", str(w / "m.json"), "--plots", "",
+                                       "--predictions", str(w / "p.csv"), "--live", "", "--results", "",
+                                       "-S", "folds=0", "-S", "train.epochs=2", "-S", "model=frame",
+                                       "-S", "frame.hidden=8", "-S", "encoder=none"])
+    m = json.loads((w / "m.json").read_text())
+    pred = pd.read_csv(w / "p.csv", dtype={"id": str})
+    n_test = sum(1 for seq in man.groupby("sequence_id") if part[seq[1]["subject"].iloc[0]] == "test")
+    assert m["folds"] == 0 and len(m["per_fold"]) == 1 and m["per_fold"][0]["n_test"] == n_test == len(pred)
+    assert pred["id"].str.startswith("test/").all() and m["final"]["n_train"] == m["per_fold"][0]["n_train"]
+    model, info = load_sequence_model(w / "m.pt")
+    assert info["model"] == "frame"
+
+
 # ------------------------------------------------------------------------------------------------
 # models
 

@@ -276,6 +276,9 @@ def read_listfile(path, root: str = "", split: str = "train", sort: bool = False
     are an error. Blank lines and lines starting with '#' are skipped; a line that is not UTF-8 text
     is a rejects row. id = the path as written.
     """
+    if Path(path).is_dir():
+        return _listfile_folder(Path(path), root, sort=sort, ignore_missing=ignore_missing,
+                                per_frame_labels=per_frame_labels, outside_root=outside_root)
     path = _check_file(path)
     split_c = split_name(split)
     if split_c is None:
@@ -330,6 +333,31 @@ def read_listfile(path, root: str = "", split: str = "train", sort: bool = False
                      "frame_index": frame, "label_value": v,
                      "labels_extra": " ".join(f"{x:g}" for x in labels[1:]), "_line": line_no})
     return _frames(rows, rejects, ["label_value", "labels_extra"])
+
+
+LIST_SPLITS = ("train", "val", "test")
+
+
+def _listfile_folder(folder: Path, root: str = "", **opts) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """LSTM-on-CNN's train / validation (/ test) lists: a folder with train.txt, val.txt [, test.txt] read
+    into one manifest, each file's rows in its split; sequence ids are `<split>/<seq_number>` (each list
+    numbers its own sequences). Image paths are relative to `root`, else to the folder."""
+    files = {s: folder / f"{s}.txt" for s in LIST_SPLITS if (folder / f"{s}.txt").is_file()}
+    if "train" not in files:
+        raise DatasetError(f"{folder}: a listfile folder needs train.txt (and val.txt, optionally test.txt)")
+    manifests, rejects = [], []
+    for split, file in files.items():
+        m, r = read_listfile(file, root or str(folder), split=split, **opts)
+        m["sequence_id"] = split + "/" + m["sequence_id"].astype(str)
+        manifests.append(m)
+        rejects.append(r)
+    manifest, rejects = pd.concat(manifests, ignore_index=True), pd.concat(rejects, ignore_index=True)
+    again = manifest["id"].duplicated(keep="first")
+    if again.any():  # one image in two lists would sit in two splits: kept in the first only
+        extra = manifest[again].assign(line=-1, reason=lambda d: "also in an earlier list (" + d["split"] + ")")
+        rejects = pd.concat([rejects, extra[["source", "line", "reason"]]], ignore_index=True)
+        manifest = manifest[~again].reset_index(drop=True)
+    return manifest, rejects
 
 
 def read_guided_st(path, root: str = "", outside_root: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:

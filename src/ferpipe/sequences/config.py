@@ -44,7 +44,7 @@ class SequenceConfig:
     init_from: str = ""               # start every fold from this saved sequence model (LSTM-on-CNN --load)
     select: str = "loss"              # the validation figure that picks the best epoch: loss | accuracy | balanced_accuracy
     seed: int = 2020
-    folds: int = 4
+    folds: int = 4                    # k-fold CV (>= 3), or 0: the dataset's train / val / test splits (list files)
     anticipation_first: float = 0     # 0 = off; k >= 1 frames or a fraction in (0, 1)
     anticipation_weight: float = 1.0
     final: bool = True                # also train the model that is saved (all folds but fold 0, which validates)
@@ -88,8 +88,9 @@ class SequenceConfig:
             raise ValueError(f"sequence.model must be one of {KINDS}, got {self.model!r}")
         if self.task not in TASKS:
             raise ValueError(f"sequence.task must be one of {TASKS}, got {self.task!r}")
-        if self.rho < 0 or self.max_len < 0 or self.folds < 3 or self.patience < 0 or self.epochs < 1:
-            raise ValueError("need rho >= 0, max_len >= 0, folds >= 3 (test, validation and training folds), "
+        if self.rho < 0 or self.max_len < 0 or self.folds in (1, 2) or self.folds < 0 or self.patience < 0 or self.epochs < 1:
+            raise ValueError("need rho >= 0, max_len >= 0, folds >= 3 (test, validation and training folds) or 0 "
+                             "(the dataset's train / val / test splits), "
                              "patience >= 0, epochs >= 1")
         if self.select not in SELECT or (self.task == "regress" and self.select != "loss"):
             raise ValueError(f"sequence.train.select must be one of {', '.join(SELECT)} (regress: loss), "

@@ -39,6 +39,7 @@ class SequenceData:
     file_std: torch.Tensor | None = None
     norm_mean: torch.Tensor | None = None   # the statistics X is standardized with now (see fold_view)
     norm_std: torch.Tensor | None = None
+    splits: np.ndarray | None = None        # [S] the dataset's split of each sequence (train / val / test)
 
     @property
     def in_shape(self):
@@ -109,6 +110,7 @@ def load_sequences(path, task: str = "classify") -> SequenceData:
         raise ValueError(f"{path}: the frames of a sequence are not contiguous (seq_number repeats after a gap)")
     sids = f.get("sequence_id", seq.astype(str))[starts]
     subjects = f.get("subject", np.full(n, ""))[starts]
+    splits = f.get("split", np.full(n, "train"))[starts]
     classes, regression = list(attrs.get("classes", [])), list(attrs.get("regression_labels", []))
     lm = ls = None
     excluded = {}
@@ -135,7 +137,7 @@ def load_sequences(path, task: str = "classify") -> SequenceData:
     return SequenceData(torch.from_numpy(np.ascontiguousarray(f["outputs"], dtype=np.float32)), frame_y,
                         starts[sel], lengths[sel], seq[starts][sel], sids[sel].astype(str),
                         subjects[sel].astype(str), task, classes, regression, lm, ls, excluded,
-                        file_mean=fm, file_std=fs, norm_mean=fm, norm_std=fs)
+                        file_mean=fm, file_std=fs, norm_mean=fm, norm_std=fs, splits=splits[sel].astype(str))
 
 
 @dataclass
@@ -247,6 +249,26 @@ class SequenceBatches:
         if augment is not None:
             x = augment(x) * mask[:, :, None, None, None].to(x.dtype)
         return x, mask, self.y[rows]
+
+
+def fold_plan(data: SequenceData, folds: int, seed: int) -> tuple[list[tuple], bool]:
+    """[(name, train, val, test) sequence indices] and whether they are subject-independent.
+
+    folds >= 3: k-fold cross-validation (test fold i, validation fold i+1, the rest trains).
+    folds == 0: the dataset's own splits, as LSTM-on-CNN's train/val list files: train trains, val
+    selects the epoch, test (when the data has one) is scored, else val is (then the figure is the
+    validation one, optimistic: say so when you report it).
+    """
+    if folds == 0:
+        splits = data.splits if data.splits is not None else np.full(len(data.starts), "train")
+        train, val, test = (np.flatnonzero(splits == s) for s in ("train", "val", "test"))
+        if not len(train) or not len(val):
+            raise ValueError(f"sequence.folds 0 uses the dataset's splits: need train and val sequences, got "
+                             f"{len(train)} train, {len(val)} val (a listfile folder with train.txt and val.txt)")
+        return [("splits", train, val, test if len(test) else val)], False
+    fold, grouped = sequence_folds(data, folds, seed)
+    return [(k, np.flatnonzero((fold != k) & (fold != (k + 1) % folds)), np.flatnonzero(fold == (k + 1) % folds),
+             np.flatnonzero(fold == k)) for k in range(folds)], grouped
 
 
 def sequence_folds(data: SequenceData, folds: int, seed: int) -> tuple[np.ndarray, bool]:

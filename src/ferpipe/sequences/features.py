@@ -18,7 +18,7 @@ File layout (one row per frame; frames of a sequence contiguous and in frame ord
                 (label_value = the first label of an LSTM-on-CNN list file, e.g. a pain intensity;
                 label_value_2, label_value_3 ... its further labels, NaN where a line has fewer)
   seq_number    int32 (N,)      0, 1, ... one number per sequence, in order
-  paths         str (N,)        the frame's source; ids, sequence_id, subject (str), frame_index (int32)
+  paths         str (N,)        the frame's source; ids, sequence_id, subject, split (str), frame_index (int32)
   mean, std     float32 [C, H, W]  the statistics applied (std = 1 in images mode)
   label_mean, label_std  float32 [L]  for the regression labels (attrs["regression_labels"])
 attrs: stage, mode, layer, checkpoint, classes, label_names, standardized, stats_from.
@@ -384,6 +384,8 @@ def run_features(images_h5, manifest_csv, out_h5, mode: str = DEFAULTS["mode"], 
               else seq_number.astype(str),
               "subject": manifest["subject"].fillna("").astype(str).to_numpy() if "subject" in manifest
               else np.full(len(manifest), ""),
+              "split": manifest["split"].fillna("train").astype(str).to_numpy() if "split" in manifest
+              else np.full(len(manifest), "train"),
               "frame_index": manifest["frame_index"].to_numpy().astype(np.int32) if "frame_index" in manifest
               else np.zeros(len(manifest), np.int32),
               **arrays}

@@ -40,8 +40,8 @@ from ferpipe.evaluate.plots import confusion_png
 from ferpipe.live import live_curves
 from ferpipe.sequences.anticipation import accuracy_per_k, anticipation_loss, true_class_curve
 from ferpipe.sequences.config import SequenceConfig
-from ferpipe.sequences.data import (ClipAugment, SequenceBatches, SequenceData, Samples, load_sequences, make_samples,
-                                    sequence_folds)
+from ferpipe.sequences.data import (ClipAugment, SequenceBatches, SequenceData, Samples, fold_plan, load_sequences,
+                                    make_samples, sequence_folds)
 from ferpipe.models.checkpoint import save_checkpoint
 from ferpipe.models.sequence import build_sequence_model, init_encoder, load_sequence_model
 from ferpipe.store import write_csv, write_h5, write_json, write_text, writes
@@ -179,19 +179,19 @@ def _prediction_rows(data: SequenceData, samples: Samples, last: np.ndarray, fol
 
 def cross_validate(data: SequenceData, cfg: SequenceConfig, rt: Runtime | None = None, live_dir: str | None = None,
                    progress=_say) -> dict:
-    """k-fold CV (test fold i, validation fold i+1, the rest trains): per-fold metrics, mean, std,
-    pooled out-of-fold predictions and confusion. `rt`: the device (default: CPU as it is set up)."""
+    """k-fold CV (test fold i, validation fold i+1, the rest trains), or with folds 0 the dataset's own
+    train / val / test splits (``fold_plan``): per-fold metrics, mean, std, pooled out-of-fold predictions
+    and confusion; with folds 0 also the trained model (``model``, ``model_data``), the one to save.
+    `rt`: the device (default: CPU as it is set up)."""
     rt = rt or Runtime(torch.device("cpu"))
-    fold, grouped = sequence_folds(data, cfg.folds, cfg.seed)
+    plan, grouped = fold_plan(data, cfg.folds, cfg.seed)
     per_fold, tables, pooled_y, pooled_p, skipped = [], [], [], [], {}
-    for k in range(cfg.folds):
+    for k, train, val, test in plan:
         t0 = time.perf_counter()
-        test = np.flatnonzero(fold == k)
-        val = np.flatnonzero(fold == (k + 1) % cfg.folds)
-        train = np.flatnonzero((fold != k) & (fold != (k + 1) % cfg.folds))
         fold_data = data.fold_view(train)  # statistics of this fold's training frames only
-        model, info = train_one(fold_data, train, val, cfg, cfg.seed * 1000 + k, rt,
-                                live_dir and f"{live_dir}/fold{k}", f"fold {k}")
+        seed = cfg.seed * 1000 + (k if isinstance(k, int) else 0)
+        model, info = train_one(fold_data, train, val, cfg, seed, rt, live_dir and f"{live_dir}/fold{k}",
+                                f"fold {k}")
         te = make_samples(fold_data, test, cfg.rho, cfg.max_len, cfg.anticipation_first, cfg.clip_frames)
         if len(te) == 0:
             raise ValueError(f"fold {k}: no test sample (every sequence shorter than rho={cfg.rho}?)")
@@ -214,6 +214,8 @@ def cross_validate(data: SequenceData, cfg: SequenceConfig, rt: Runtime | None =
     std = {k: float(np.nanstd([f[k] for f in per_fold])) for k in keys}
     out = {"folds": per_fold, "mean": mean, "std": std, "subject_independent": grouped,
            "predictions": pd.concat(tables, ignore_index=True), "skipped": skipped}
+    if cfg.folds == 0:
+        out["model"], out["model_data"], out["model_info"] = model, fold_data, info
     y, p = np.concatenate(pooled_y), np.concatenate(pooled_p)
     if data.task == "classify":
         out["pooled"] = classification_metrics(y, p, data.classes)
@@ -265,11 +267,15 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
     try:
         if progress:
             progress(f"train_sequence: {cfg.model} on {len(data.starts)} sequences ({len(data.X)} frames), "
-                     f"{cfg.folds}-fold cross-validation{' + the final model' if cfg.final else ''}, "
-                     f"up to {cfg.epochs} epochs each, {rt.describe()}")
+                     + (f"{cfg.folds}-fold cross-validation{' + the final model' if cfg.final else ''}, " if cfg.folds
+                        else "the dataset's train / val / test splits, ")
+                     + f"up to {cfg.epochs} epochs each, {rt.describe()}")
         cv = cross_validate(data, cfg, rt, live_dir, progress)
         final_info = {}
-        if cfg.final:
+        if cfg.final and cfg.folds == 0:  # the dataset's splits: the model trained on train is the final one
+            model, final_data, final_info = cv["model"], cv["model_data"], cv["model_info"]
+            model.cpu()
+        elif cfg.final:
             fold, _ = sequence_folds(data, cfg.folds, cfg.seed)
             final_data = data.fold_view(np.flatnonzero(fold != 0))
             model, final_info = train_one(final_data, np.flatnonzero(fold != 0), np.flatnonzero(fold == 0), cfg,
