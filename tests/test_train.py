@@ -310,6 +310,10 @@ def test_rmn_optimizer_and_plateau_schedule_on_real_faces(faces):
     for _ in range(20):
         p.step(0.1, 1e-4)
     assert p.scale * 1e-4 == pytest.approx(1e-6)              # min_lr
+    frozen = Plateau(patience=0)
+    for value in (0.5, 0.4, 0.3):
+        frozen.step(value, 0.0)                                # lr 0: no division by it
+    assert frozen.scale == pytest.approx(1e-2)
     seed_everything(0)
     cfg = FitConfig(max_epochs=6, patience=0, batch_size=16, lr=1e-3, optimizer="radam", lr_schedule="plateau",
                     plateau_patience=0, select="accuracy", log_every=0, progress=False)

@@ -344,7 +344,8 @@ class Plateau:
             return
         self.bad += 1
         if self.bad > self.patience:
-            self.scale = max(self.scale * self.factor, self.min_lr / base_lr)
+            floor = self.min_lr / base_lr if base_lr > 0 else 0.0  # lr 0 (a frozen run) has nothing to lower
+            self.scale = max(self.scale * self.factor, floor)
             self.bad = 0
 
 
