@@ -1,6 +1,7 @@
 """Models: registry, shapes, exact parameter counts, STN behaviour, weights loading, heads."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -381,3 +382,49 @@ def test_replace_head_fallback_last_linear():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
     replace_head(model, 2)
     assert model[3].out_features == 2 and model[1].out_features == 8
+
+
+@pytest.fixture(scope="module")
+def real_faces(fer_dir):
+    """16 real FER-2013 PublicTest faces (uint8 [16, 48, 48]) and their saliency guide maps."""
+    import cv2
+
+    from ferpipe.guides.maps import make_guide
+    files = [f for c in ("angry", "happy", "sad", "surprise") for f in sorted((fer_dir / "test" / c).iterdir())[:4]]
+    images = np.stack([cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in files])
+    return images, make_guide("saliency", images, None)
+
+
+# every family: Deep-Emotion plain / STN / guided STN, CompactVGG and torchvision's VGG (Conv-BN pairs in a
+# Sequential: folded), ResNet (BN outside Sequentials: layout only); the other zoo models are built from the same
+# torchvision blocks (all 21 passed once: 150 s, too slow for every CI run)
+@pytest.mark.parametrize("name", ["baseline", "original", "soft", "vgg", "vgg19_bn", "resnet18"])
+def test_inference_model_computes_the_same_function(real_faces, name):
+    """The prediction paths' form of a model (BatchNorm folded, channels_last) gives the eval model's outputs on
+    real faces, with trained-looking batch-norm statistics (not the identity ones of a fresh model)."""
+    from ferpipe.models.inference import inference_model
+    torch.manual_seed(0)
+    model = build_model(name, 7).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    images, guides = real_faces
+    size = MODEL_SPECS[name]["in_size"]
+    x = torch.nn.functional.interpolate(torch.from_numpy(images[:, None]).float() / 255, size=(size, size))
+    g = (torch.nn.functional.interpolate(torch.from_numpy(guides[:, None]).float() / 255, size=(size, size))
+         if MODEL_SPECS[name]["guide"] else None)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    fast = inference_model(model)
+    folds = [m for m in model.modules() if isinstance(m, nn.Sequential)
+             and any(isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) for a, b in zip(m, list(m)[1:]))]
+    if folds:  # every Conv2d -> BatchNorm2d pair of a Sequential is gone
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) < n_bn
+    convs = [m.weight for m in fast.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[1] > 1
+             and m.weight.shape[-1] > 1]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    with torch.inference_mode():
+        want, got = model(x, g), fast(x, g)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max() + 1e-5
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # a copy: the model is untouched

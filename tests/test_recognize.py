@@ -26,8 +26,7 @@ from ferpipe.export import ExportError, export_model, run_exported
 from ferpipe.models import MODEL_NAMES, MODEL_SPECS, build_model
 from ferpipe.models.checkpoint import save_checkpoint
 from ferpipe.models.inputs import InputSpec
-from ferpipe.recognize import (BUNDLED, IoUTracker, Recognizer, RecognizeError, TrackLabeler, draw,
-                               fold_batchnorm, results_table)
+from ferpipe.recognize import BUNDLED, IoUTracker, Recognizer, RecognizeError, TrackLabeler, draw, results_table
 
 FER7 = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 ASTRONAUT_FACE = (150, 50, 300, 200)  # a box around the astronaut's face in the 512x512 photo (x0, y0, x1, y1)
@@ -132,22 +131,6 @@ def test_crops_on_real_fer_test_images(fer, fer_dir):
     assert (table["FaceRectWidth"] == 48).all()
     truth = [f.parent.name for f in files]
     assert (table["label"] == truth).mean() >= 0.6    # the bundled model reads 66% of PublicTest
-
-
-def test_fold_batchnorm_keeps_outputs_and_layout():
-    torch.manual_seed(0)
-    model = build_model("vgg", 7).eval()
-    for m in model.modules():  # non-trivial statistics
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-    folded = fold_batchnorm(model)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    conv = next(m for m in folded.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    x = torch.randn(4, 1, 48, 48)
-    with torch.no_grad():
-        assert torch.allclose(model(x), folded(x), atol=1e-5)
 
 
 @pytest.fixture(scope="module")

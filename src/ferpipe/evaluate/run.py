@@ -36,6 +36,7 @@ from ferpipe.evaluate.metrics import (classification_metrics, confusion, headlin
                                      regression_metrics, regression_table)
 from ferpipe.evaluate.plots import confusion_png, errors_png, regression_errors_png, scatter_png
 from ferpipe.models.checkpoint import load_checkpoint, regression_scale
+from ferpipe.models.inference import inference_model
 from ferpipe.models.inputs import InputSpec, normalize, split_channels
 from ferpipe.store import settle, write_csv, write_json, write_text, writes
 
@@ -99,7 +100,7 @@ def select_checkpoints(models_dir: str | os.PathLike, members: str = "auto") -> 
     return "folds", folds
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, spec: InputSpec, tta: int = 0,
                    tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512,
                    scale: tuple[np.ndarray, np.ndarray] | None = None, tta_mode: str = "random") -> np.ndarray:
@@ -155,6 +156,7 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
         torch.set_num_threads(int(prm["threads"]) or (os.cpu_count() or 1))
     kind, paths = select_checkpoints(models_dir, prm["members"])
     loaded = [load_checkpoint(p, map_location=device) for p in paths]
+    loaded = [(inference_model(model), info) for model, info in loaded]  # as ferpipe.recognize applies them
     names = {info["model"] for _, info in loaded}
     if len(names) != 1:
         raise ValueError(f"checkpoints in {models_dir} are of different models {sorted(names)}")

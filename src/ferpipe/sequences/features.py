@@ -3,7 +3,7 @@
 Two modes:
   cnn     a trained CNN (a checkpoint of the training stage, or a torchvision backbone built with
           `build_model("resnet18", weights_path=...)`) runs over every frame in large batches under
-          `torch.no_grad`; a forward hook dumps one layer (`layer`: a module name such as "fc1",
+          `torch.inference_mode`; a forward hook dumps one layer (`layer`: a module name such as "fc1",
           "classifier.fc1", "dropout", "layer4", or "flatten" = the input of the first Linear layer of the classifier (an STN's
           classifier, not its localization net),
           or "logits" = the model output).
@@ -44,6 +44,7 @@ from ferpipe.guides.maps import make_guide
 from ferpipe.imaging import resize_batch
 from ferpipe.models import MODEL_SPECS, build_model
 from ferpipe.models.checkpoint import load_checkpoint, read_checkpoint_info
+from ferpipe.models.inference import inference_model
 from ferpipe.models.inputs import prepare_input
 from ferpipe.store import read_attrs, read_h5, write_h5, write_json, writes
 
@@ -171,15 +172,16 @@ def model_inputs(model_name: str, images: np.ndarray, guide: np.ndarray | None, 
 
 def load_cnn(checkpoint=None, backbone: str | None = None, weights: str | None = None,
              num_classes: int = 1000) -> tuple[nn.Module, dict]:
-    """A checkpoint of the training stage (load_checkpoint), or a registry backbone with a weights file."""
+    """A checkpoint of the training stage (load_checkpoint), or a registry backbone with a weights file, in
+    its inference form (``models.inference``: the layer names still resolve, the outputs are the same)."""
     if checkpoint:
         model, info = load_checkpoint(checkpoint)
-        return model.eval(), info
+        return inference_model(model), info
     if not backbone:
         raise FeatureError("features: give a checkpoint, or a backbone (e.g. resnet18) with a weights file")
     kw = {"weights_path": weights} if weights else {}
     model = build_model(backbone, num_classes, **kw)
-    return model.eval(), {"model": backbone, "weights": weights or "", "meta": {}}
+    return inference_model(model), {"model": backbone, "weights": weights or "", "meta": {}}
 
 
 class LayerTap:
@@ -262,7 +264,7 @@ def run_cnn(model: nn.Module, images: np.ndarray, layer: str, batch_size: int = 
     tap = LayerTap(model, layer)
     out, i, bs = None, 0, max(1, int(batch_size))
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             while i < len(images):
                 try:
                     x, g = make_input(images[i:i + bs], guide[i:i + bs] if guide is not None else None, meta)
