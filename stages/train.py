@@ -17,6 +17,10 @@ rows' mean/std (kept in the checkpoint), train.loss auto|mse or ccc (1 - concord
 epochs selected by validation loss (needs -S select=loss); train.json then has val_loss per fold.
 A fold whose best model is no better than always answering the most common class is at chance: a
 WARNING line, at_chance in its metrics and runs_at_chance in metrics/results.json.
+Snapshots: every train.snapshot_every epochs (5) each fold's state goes to .ferpipe/snapshots/train/; run
+again after a kill or failure with the same params and data, the stage resumes there (finished folds are
+not retrained; the results are an uninterrupted run's). rm -r .ferpipe/snapshots starts fresh.
+Valence/arousal: every train.plot_every epochs (10) a predicted-vs-true scatter per fold in dvclive/train.
 Examples:
   python stages/train.py -S folds=[0] -S max_epochs=5
   dvc exp run -S model=soft -S train.folds=[0,1]

@@ -10,8 +10,12 @@ and evaluates from the first k frames with the monotone true-class loss.
 
 Settings come from params.yaml `sequence:` (model, task, rho, max_len, encoder*, folds, lstm/cbm/frame,
 train{lr, weight_decay, batch_size, epochs, patience, clip, balanced, augment, shift, select, seed, final,
-device, threads}, anticipation{first, weight}); -S KEY=VALUE overrides one of them for this run, keys
-relative to `sequence` (e.g. -S model=cbm -S train.epochs=15 -S lstm.hidden=64).
+device, threads, eval_batch_size, snapshot_every, plot_every}, anticipation{first, weight}); -S KEY=VALUE
+overrides one of them for this run, keys relative to `sequence` (e.g. -S model=cbm -S train.epochs=15
+-S lstm.hidden=64). eval_batch_size: the validation and test passes' batch. Snapshots every
+train.snapshot_every epochs in .ferpipe/snapshots/train_sequence/: a stopped run resumes there when run
+again with the same settings and data (rm -r .ferpipe/snapshots starts fresh). Task regress: a
+predicted-vs-true scatter every train.plot_every epochs per fold in the dvclive folder.
 
 --test-only applies a saved model (--model-in) to --features and writes its outputs to --outputs (HDF5).
 """

@@ -819,3 +819,86 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     # a short window longer than every sequence is a clear error
     with pytest.raises(ValueError, match="no test sample|empty training"):
         load_stage("train_sequence").main(args + ["-S", "rho=5", "-S", "train.final=false"])
+
+
+# ------------------------------------------------------------------------------------------------
+# snapshots and resume, evaluation batch size, regression plots (real CK+ frames)
+
+@pytest.fixture(scope="module")
+def ck_images(ck_frames, tmp_path_factory):
+    """The real CK+ frames as a features file (images mode, 16 px), with valence/arousal GENERATED per frame
+    for task regress: the class's value (test_valence's VA where it has the class) times the frame's
+    position in its sequence (the expression rising from neutral to apex)."""
+    out = tmp_path_factory.mktemp("ck_images")
+    man = pd.read_csv(ck_frames / "ingest/manifest.csv", keep_default_na=False)
+    va = {"happy": (0.7, 0.4), "sad": (-0.6, -0.3), "angry": (-0.5, 0.6), "surprise": (0.3, 0.8),
+          "disgust": (-0.6, 0.3), "fear": (-0.4, 0.7), "contempt": (-0.3, 0.1)}
+    rise = (man["frame_index"] + 1) / man.groupby("sequence_id")["frame_index"].transform("size")
+    man["valence"] = rise * man["label_name"].map(lambda c: va[c][0])
+    man["arousal"] = rise * man["label_name"].map(lambda c: va[c][1])
+    man.to_csv(out / "manifest.csv", index=False)
+    run_features(ck_frames / "ingest/images.h5", out / "manifest.csv", out / "f.h5", mode="images", size=16)
+    return out / "f.h5"
+
+
+def test_a_killed_sequence_run_resumes_bitwise_on_real_ck(ck_images, tmp_path, monkeypatch, capsys):
+    """train_sequence (3 folds + the final model, 6 epochs each, a snapshot every 2, clip augmentation and
+    dropout on), killed in fold 1's 5th epoch and run again: fold 0 is not retrained, fold 1 continues after
+    epoch 4, and the metrics, predictions, saved model and dvclive curves are byte for byte those of an
+    uninterrupted run; the snapshots are gone afterwards."""
+    from ferpipe.sequences.train import run_train_sequence
+    from test_resume import Killed, count_epochs, files
+    cfg = SequenceConfig(model="lstm", folds=3, epochs=6, patience=0, batch_size=16, augment=True, seed=3,
+                         lstm={"hidden": 8, "depth": 1, "dropout": 0.5}, snapshot_every=2)
+
+    def run(out: Path, snaps: Path) -> dict:
+        return run_train_sequence(ck_images, out / "m.pt", out / "m.json", None, out / "p.csv", out / "live", cfg,
+                                  progress=None, snapshots=snaps)
+
+    count_epochs(monkeypatch, kill_at=6 + 5)
+    with pytest.raises(Killed):
+        run(tmp_path / "a", tmp_path / "snaps")
+    [folder] = list((tmp_path / "snaps").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["fold0.pt", "fold1.pt"] and not (tmp_path / "a/m.json").exists()
+    state = torch.load(folder / "fold1.pt", weights_only=True)
+    assert state["epoch"] == 4 and state["rng"][0]["augment"] is not None   # ClipAugment's generator
+    capsys.readouterr()
+    epochs = count_epochs(monkeypatch)
+    run(tmp_path / "a", tmp_path / "snaps")
+    err = capsys.readouterr().err
+    assert len(epochs) == 2 + 6 + 6 and "fold 0: finished in an earlier run" in err
+    assert "fold 1: resumed from its snapshot after epoch 4" in err and not (tmp_path / "snaps").exists()
+    run(tmp_path / "b", tmp_path / "snaps_b")
+    for name in ("m.json", "p.csv", "m.pt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert files(tmp_path / "a/live") == files(tmp_path / "b/live")
+    assert len((tmp_path / "a/live/fold1/plots/metrics/val/loss.tsv").read_text().splitlines()) == 1 + 6
+
+
+def test_sequence_eval_batch_size_and_regression_plots_on_real_ck(ck_images, tmp_path, monkeypatch):
+    """sequence.train.eval_batch_size is the batch of every validation pass inside training and of the test
+    passes (a batch size, not a result: the figures agree with 256's); task regress draws validation
+    predictions vs targets every plot_every epochs into each fold's dvclive folder."""
+    import ferpipe.sequences.train as seq_train
+    from ferpipe.train import loop
+    data = load_sequences(ck_images, "regress")
+    assert data.regression == ["valence", "arousal"]
+    sizes = []
+    real_eval, real_predict = loop.evaluate_rows, seq_train.predict
+    monkeypatch.setattr(loop, "evaluate_rows", lambda *a, **k: sizes.append(("val", a[5])) or real_eval(*a, **k))
+    monkeypatch.setattr(seq_train, "predict", lambda *a, **k: sizes.append(("test", a[4])) or real_predict(*a, **k))
+    cfg = SequenceConfig.from_params({"task": "regress", "folds": 3, "lstm": {"hidden": 8, "dropout": 0.0},
+                                      "train": {"epochs": 4, "batch_size": 16, "eval_batch_size": 7,
+                                                "plot_every": 2, "snapshot_every": 0}})
+    small = cross_validate(data, cfg, live_dir=str(tmp_path / "live"), progress=None)
+    assert {s for _, s in sizes} == {7} and [w for w, _ in sizes].count("test") == 3 and len(sizes) == 3 * 4 + 3
+    for k in range(3):
+        plots = tmp_path / f"live/fold{k}/plots/images/regression"
+        assert sorted(p.name for p in plots.iterdir()) == ["2.png", "4.png"]
+        assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in plots.iterdir())
+    cfg.eval_batch_size = 256
+    whole = cross_validate(data, cfg, progress=None)
+    for key in ("mse", "pearson", "ccc_valence"):
+        assert small["mean"][key] == pytest.approx(whole["mean"][key], rel=1e-4, abs=1e-6), key
+    with pytest.raises(ValueError, match="sequence.train.eval_batch_size must be a whole number >= 1"):
+        SequenceConfig.from_params({"train": {"eval_batch_size": 0}})

@@ -85,7 +85,7 @@ def params(model="baseline", **train):
 
 def train(art, out: Path, model="baseline", **kw) -> dict:
     return run_train(params(model, **kw), art["split"], art["gray48"], art["guides"], str(out / "models"),
-                     str(out / "train.json"), str(out / "live"))
+                     str(out / "train.json"), str(out / "live"), snapshots=out / "snapshots")
 
 
 CPU1 = Runtime(torch.device("cpu"), threads=1)
@@ -507,7 +507,9 @@ def test_training_from_another_runs_checkpoint(art, tmp_path):
 # ---------------------------------------------------------------------------- DDP
 
 def test_torchrun_two_cpu_processes(art, tmp_path):
-    (tmp_path / "params.yaml").write_text(json.dumps(params("soft", max_epochs=2, final=True, folds=[0])))
+    # snapshot_every 1: the epoch-1 snapshot gathers both processes' random states (a collective)
+    (tmp_path / "params.yaml").write_text(json.dumps(params("soft", max_epochs=2, final=True, folds=[0],
+                                                            snapshot_every=1)))
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "stages/train.py"),
            "--params", str(tmp_path / "params.yaml"), "--split", art["split"], "--gray48", art["gray48"],

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 class BatchAugment:
     """Callable ``aug(x)`` on float [B, C, S, S]; returns a new tensor, the same transform per sample
-    across channels. ``enabled`` is False when every knob is off (then ``aug(x)`` returns x)."""
+    across channels. ``enabled`` is False when every knob is off (then ``aug(x)`` returns x). Its random
+    numbers come from ``generator`` (a training snapshot saves and restores its state)."""
 
     def __init__(self, hflip: float = 0.5, degrees: float = 0.0, scale: Sequence[float] = (1.0, 1.0),
                  translate: float = 0.0, seed: int = 0, generator: torch.Generator | None = None):

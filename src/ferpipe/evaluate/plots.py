@@ -14,12 +14,21 @@ import numpy as np  # noqa: E402
 from ferpipe.store import atomic_path  # noqa: E402
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+    return buf.getvalue()
+
+
+def _write_png(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+        tmp.write_bytes(data)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    _write_png(path, _png(fig))
 
 
 def confusion_png(path: str | os.PathLike, cm: np.ndarray, classes: list[str], title: str = "") -> None:
@@ -87,9 +96,16 @@ def errors_png(path: str | os.PathLike, images: np.ndarray, y: np.ndarray, probs
 
 def scatter_png(path: str | os.PathLike, y: np.ndarray, pred: np.ndarray, names: list[str], title: str = "",
                 metrics: dict | None = None, lims: tuple[float, float] = (-1.0, 1.0)) -> None:
+    """``scatter_png_bytes`` written to `path`."""
+    _write_png(path, scatter_png_bytes(y, pred, names, title, metrics, lims))
+
+
+def scatter_png_bytes(y: np.ndarray, pred: np.ndarray, names: list[str], title: str = "",
+                      metrics: dict | None = None, lims: tuple[float, float] = (-1.0, 1.0)) -> bytes:
     """One panel per target: predicted against true value per row and the diagonal (perfect answers);
     with `metrics` (``regression_metrics``'s dict) the target's RMSE and CCC in the panel title. The
-    axes span `lims` (AffectNet's [-1, 1]) or more."""
+    axes span `lims` (AffectNet's [-1, 1]) or more. The evaluate stage's scatter, and the training
+    loop's per-epoch regression plot (``ferpipe.train.loop``), as PNG bytes."""
     y, pred = np.asarray(y, float), np.asarray(pred, float)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False, layout="constrained")
     lo = min(lims[0], float(np.nanmin(y, initial=lims[0])), float(np.nanmin(pred, initial=lims[0])))
@@ -107,7 +123,7 @@ def scatter_png(path: str | os.PathLike, y: np.ndarray, pred: np.ndarray, names:
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    return _png(fig)
 
 
 def regression_errors_png(path: str | os.PathLike, images: np.ndarray, y: np.ndarray, pred: np.ndarray,

@@ -50,10 +50,14 @@ class SequenceConfig:
     final: bool = True                # also train the model that is saved (all folds but fold 0, which validates)
     device: str = "auto"              # auto (CUDA + mixed precision when present) | cpu | cuda
     threads: int = 0                  # CPU threads (0 = every core)
+    eval_batch_size: int = 256        # validation inside training, and the test / --test-only passes
+    snapshot_every: int = 5           # a resumable state every N epochs and at a fold's end (0 = none): ferpipe.train.loop
+    plot_every: int = 10              # task regress: validation predictions vs targets every N epochs, in dvclive (0 = none)
 
     # params.yaml: these fields sit in the sequence.train group; the other stages' sub-sections of `sequence`
     TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "epochs", "patience", "clip", "balanced", "augment", "shift",
-                  "init_from", "select", "seed", "final", "device", "threads")
+                  "init_from", "select", "seed", "final", "device", "threads", "eval_batch_size", "snapshot_every",
+                  "plot_every")
     OTHER_STAGES = ("dataset", "features", "landmarks_passes")
 
     @classmethod
@@ -95,6 +99,9 @@ class SequenceConfig:
         if self.select not in SELECT or (self.task == "regress" and self.select != "loss"):
             raise ValueError(f"sequence.train.select must be one of {', '.join(SELECT)} (regress: loss), "
                              f"got {self.select!r}")
+        for name, low in (("eval_batch_size", 1), ("snapshot_every", 0), ("plot_every", 0)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+                raise ValueError(f"sequence.train.{name} must be a whole number >= {low}, got {getattr(self, name)!r}")
         if self.clip_frames < 0 or self.clip_sampling not in ("uniform", "random"):
             raise ValueError("sequence.clip_frames must be >= 0 and clip_sampling uniform or random")
         if self.clip_frames and (self.rho or self.anticipation_first):
@@ -106,8 +113,9 @@ class SequenceConfig:
     def fit_config(self, seed: int) -> FitConfig:
         """The training loop's settings (the one loop images train with, ferpipe.train.loop)."""
         return FitConfig(max_epochs=self.epochs, patience=self.patience, batch_size=self.batch_size,
-                         eval_batch_size=256, lr=self.lr, weight_decay=self.weight_decay, select=self.select,
-                         clip=self.clip, channels_last=False, seed=seed, log_every=0)
+                         eval_batch_size=self.eval_batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                         select=self.select, clip=self.clip, channels_last=False, seed=seed, log_every=0,
+                         snapshot_every=self.snapshot_every, plot_every=self.plot_every)
 
     def model_kwargs(self) -> dict:
         kw = dict(getattr(self, self.model))

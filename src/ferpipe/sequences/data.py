@@ -196,20 +196,21 @@ def make_samples(data: SequenceData, seqs, rho: int = 0, max_len: int = 0, first
 
 
 class ClipAugment:
-    """Random horizontal flip and translation (zero fill) per sample, the same for all its frames."""
+    """Random horizontal flip and translation (zero fill) per sample, the same for all its frames. Its random
+    numbers come from ``generator`` (as ``BatchAugment``'s: a training snapshot saves and restores it)."""
 
     def __init__(self, shift: int = 3, seed: int = 0):
         self.shift = int(shift)
-        self.gen = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(int(seed))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
-        flip = (torch.rand(B, generator=self.gen) < 0.5).to(x.device)
+        flip = (torch.rand(B, generator=self.generator) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None, None], x.flip(-1), x)
         if self.shift > 0:
             s, (H, W) = self.shift, x.shape[-2:]
             pad = F.pad(x, (s, s, s, s))
-            d = torch.randint(0, 2 * s + 1, (B, 2), generator=self.gen).tolist()
+            d = torch.randint(0, 2 * s + 1, (B, 2), generator=self.generator).tolist()
             x = torch.stack([pad[b, :, :, d[b][0]:d[b][0] + H, d[b][1]:d[b][1] + W] for b in range(B)])
         return x
 

@@ -21,6 +21,13 @@ validation fold used for early stopping and the rest trains, so the test fold ne
 selection. Metrics per fold and mean +- std are ferpipe.evaluate.metrics' (accuracy, macro-F1,
 balanced accuracy, AUC; MSE and Pearson r for regression) plus the accuracy after the first k frames;
 out-of-fold predictions in the evaluate stage's table format (id, actual, predicted, prob_<class>).
+Validation, test and --test-only passes run ``eval_batch_size`` samples at a time; task regress draws
+its validation predictions vs targets every ``plot_every`` epochs into the fold's dvclive folder.
+
+Snapshots (``snapshot_every``): as the image train stage's (``ferpipe.train.run``), in
+``.ferpipe/snapshots/train_sequence/<run-id>/`` (run-id: every setting but snapshot_every, the features
+file's and the init_from / encoder_init files' path, size and mtime, the ferpipe sources): a stopped run
+resumes, finished folds are not retrained; the snapshots go once the outputs are written.
 """
 from __future__ import annotations
 
@@ -45,8 +52,8 @@ from ferpipe.sequences.data import (ClipAugment, SequenceBatches, SequenceData, 
 from ferpipe.models.checkpoint import save_checkpoint
 from ferpipe.models.sequence import build_sequence_model, init_encoder, load_sequence_model
 from ferpipe.store import write_csv, write_h5, write_json, write_text, writes
-from ferpipe.train.loop import (CrossEntropy, MeanSquared, Runtime, class_weights, fit, seed_everything, setup_runtime,
-                                teardown_runtime)
+from ferpipe.train.loop import (SNAPSHOTS, CrossEntropy, MeanSquared, RunSnapshots, Runtime, TargetScale, class_weights,
+                                file_identity, fit, seed_everything, setup_runtime, teardown_runtime)
 
 
 def _say(msg: str) -> None:
@@ -84,8 +91,9 @@ def sequence_objective(cfg: SequenceConfig, counts: torch.Tensor):
 
 
 def train_one(data: SequenceData, train_seqs, val_seqs, cfg: SequenceConfig, seed: int, rt: Runtime,
-              live_dir: str | None = None, desc: str = "train") -> tuple[nn.Module, dict]:
-    """Train one model on the training sequences, selecting on the validation ones; the best state loaded."""
+              live_dir: str | None = None, desc: str = "train", snapshot: Path | None = None) -> tuple[nn.Module, dict]:
+    """Train one model on the training sequences, selecting on the validation ones; the best state loaded.
+    `snapshot`: its resumable state's file (``ferpipe.train.loop.fit``)."""
     seed_everything(seed)
     draw = np.random.default_rng(seed) if cfg.clip_sampling == "random" else None
     tr = make_samples(data, train_seqs, cfg.rho, cfg.max_len, cfg.anticipation_first, cfg.clip_frames, draw)
@@ -106,9 +114,13 @@ def train_one(data: SequenceData, train_seqs, val_seqs, cfg: SequenceConfig, see
     model.to(rt.device)
     objective = sequence_objective(cfg, batches.class_counts(batches.part(0)) if batches.classes else None)
     augment = ClipAugment(cfg.shift, seed) if cfg.augment and data.in_shape[1] > 1 else None
+    targets = None
+    if data.task == "regress":
+        targets = TargetScale(data.regression, data.label_mean.tolist(),
+                              np.where(data.label_std < 1e-6, 1.0, data.label_std).tolist())
     with live_curves(live_dir) as live:
         res = fit(model, batches, batches.part(0), batches.part(1), cfg.fit_config(seed), rt, augment=augment,
-                  live=live, desc=desc, objective=objective)
+                  live=live, desc=desc, objective=objective, snapshot=snapshot, targets=targets)
     model.load_state_dict(res.best_state)
     model.eval()
     return model, {"best_epoch": res.best_epoch, "epochs": res.epochs, "best_val_loss": res.best_val_loss,
@@ -140,7 +152,7 @@ def predict(model: nn.Module, data: SequenceData, samples: Samples, rt: Runtime 
 def evaluate_samples(model, data: SequenceData, samples: Samples, cfg: SequenceConfig,
                      rt: Runtime | None = None) -> tuple[dict, np.ndarray]:
     """(metrics, per-step outputs) of a model on samples."""
-    steps = predict(model, data, samples, rt)
+    steps = predict(model, data, samples, rt, cfg.eval_batch_size)
     last = steps[:, -1]
     y = samples.y.numpy()
     if data.task == "classify":
@@ -178,11 +190,11 @@ def _prediction_rows(data: SequenceData, samples: Samples, last: np.ndarray, fol
 
 
 def cross_validate(data: SequenceData, cfg: SequenceConfig, rt: Runtime | None = None, live_dir: str | None = None,
-                   progress=_say) -> dict:
+                   progress=_say, snapshots: RunSnapshots | None = None) -> dict:
     """k-fold CV (test fold i, validation fold i+1, the rest trains), or with folds 0 the dataset's own
     train / val / test splits (``fold_plan``): per-fold metrics, mean, std, pooled out-of-fold predictions
     and confusion; with folds 0 also the trained model (``model``, ``model_data``), the one to save.
-    `rt`: the device (default: CPU as it is set up)."""
+    `rt`: the device (default: CPU as it is set up). `snapshots`: the run's (fold<k>.pt each)."""
     rt = rt or Runtime(torch.device("cpu"))
     plan, grouped = fold_plan(data, cfg.folds, cfg.seed)
     per_fold, tables, pooled_y, pooled_p, skipped = [], [], [], [], {}
@@ -191,7 +203,7 @@ def cross_validate(data: SequenceData, cfg: SequenceConfig, rt: Runtime | None =
         fold_data = data.fold_view(train)  # statistics of this fold's training frames only
         seed = cfg.seed * 1000 + (k if isinstance(k, int) else 0)
         model, info = train_one(fold_data, train, val, cfg, seed, rt, live_dir and f"{live_dir}/fold{k}",
-                                f"fold {k}")
+                                f"fold {k}", snapshots and snapshots.path(f"fold{k}"))
         te = make_samples(fold_data, test, cfg.rho, cfg.max_len, cfg.anticipation_first, cfg.clip_frames)
         if len(te) == 0:
             raise ValueError(f"fold {k}: no test sample (every sequence shorter than rho={cfg.rho}?)")
@@ -253,14 +265,30 @@ def sequence_headline(m: dict) -> dict:
     return out
 
 
-@writes("model_out", "metrics_path", "predictions_csv", "results_path",
-        lambda a: a["plots_dir"] and Path(a["plots_dir"]) / "confusion.png", dirs=["live_dir"])
 def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, predictions_csv=None,
-                       live_dir=None, cfg: SequenceConfig | None = None, progress=_say, results_path=None) -> dict:
+                       live_dir=None, cfg: SequenceConfig | None = None, progress=_say, results_path=None,
+                       snapshots=SNAPSHOTS / "train_sequence") -> dict:
     """Cross-validate, then train and save the final model; write metrics, confusion PNG, predictions and
-    the one-screen summary (`results_path`, sequence_headline), as one output set."""
+    the one-screen summary (`results_path`, sequence_headline), as one output set. `snapshots`: the
+    folder of this stage's run snapshots (module docstring; None: none), emptied once the outputs are written."""
     cfg = cfg or SequenceConfig()
     cfg.validate()
+    snaps = None
+    if snapshots:
+        identity = {"stage": "train_sequence", "config": {k: v for k, v in asdict(cfg).items() if k != "snapshot_every"},
+                    "files": [file_identity(f) for f in (features_h5, cfg.init_from, cfg.encoder_init)]}
+        snaps = RunSnapshots(snapshots, identity, cfg.snapshot_every)
+    result = _run_train_sequence(features_h5, model_out, metrics_path, plots_dir, predictions_csv, live_dir, cfg,
+                                 progress, results_path, snaps)
+    if snaps is not None:
+        snaps.clear()
+    return result
+
+
+@writes("model_out", "metrics_path", "predictions_csv", "results_path",
+        lambda a: a["plots_dir"] and Path(a["plots_dir"]) / "confusion.png", dirs=["live_dir"])
+def _run_train_sequence(features_h5, model_out, metrics_path, plots_dir, predictions_csv, live_dir,
+                        cfg: SequenceConfig, progress, results_path, snaps: RunSnapshots | None) -> dict:
     t0 = time.perf_counter()
     data = load_sequences(features_h5, cfg.task)
     rt = setup_runtime(cfg.device, cfg.threads)
@@ -270,7 +298,7 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
                      + (f"{cfg.folds}-fold cross-validation{' + the final model' if cfg.final else ''}, " if cfg.folds
                         else "the dataset's train / val / test splits, ")
                      + f"up to {cfg.epochs} epochs each, {rt.describe()}")
-        cv = cross_validate(data, cfg, rt, live_dir, progress)
+        cv = cross_validate(data, cfg, rt, live_dir, progress, snaps)
         final_info = {}
         if cfg.final and cfg.folds == 0:  # the dataset's splits: the model trained on train is the final one
             model, final_data, final_info = cv["model"], cv["model_data"], cv["model_info"]
@@ -279,7 +307,8 @@ def run_train_sequence(features_h5, model_out, metrics_path, plots_dir=None, pre
             fold, _ = sequence_folds(data, cfg.folds, cfg.seed)
             final_data = data.fold_view(np.flatnonzero(fold != 0))
             model, final_info = train_one(final_data, np.flatnonzero(fold != 0), np.flatnonzero(fold == 0), cfg,
-                                          cfg.seed * 1000 + cfg.folds, rt, live_dir and f"{live_dir}/final", "final")
+                                          cfg.seed * 1000 + cfg.folds, rt, live_dir and f"{live_dir}/final", "final",
+                                          snaps and snaps.path("final"))
             model.cpu()
             if progress:
                 progress(f"final model: best epoch {final_info['best_epoch']}/{final_info['epochs']} "

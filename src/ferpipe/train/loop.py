@@ -28,14 +28,28 @@ over ranks, so every rank makes the same early-stopping decision. Only rank 0 lo
 Determinism on CPU: ``seed_everything`` seeds torch/numpy/random and turns on
 ``torch.use_deterministic_algorithms`` (warn-only, so an op without a deterministic kernel on some
 device still runs); shuffling and augmentation use their own seeded generators.
+
+Snapshots (``cfg.snapshot_every`` and a ``snapshot`` path): every N epochs and when it ends, ``fit``
+writes everything the next epoch depends on (weights, optimizer, plateau and step counters, the
+shuffling, augmentation and torch RNG states of every process, the best state, history, regression
+plots); a later ``fit`` with the same key (settings, rows, model shape, process count) continues
+after that epoch, bitwise as if it had never stopped, or returns a finished fit's result without
+training. ``RunSnapshots`` names a stage run's folder of them (the run-id).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import math
 import os
 import random
+import shutil
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -148,6 +162,12 @@ class FitConfig:
     seed: int = 2020
     progress: bool | None = None      # None: a bar when stderr is a terminal
     log_every: int = 10               # print an epoch summary line every N epochs, and the first and last (0 = never)
+    snapshot_every: int = 0           # a resumable state every N epochs and at the end, at fit's `snapshot` path (0 = none)
+    plot_every: int = 0               # regression: validation predictions vs targets every N epochs (needs `targets`, `live`)
+
+
+# FitConfig fields that change no weight, history or plot: left out of a snapshot's key
+REPORTING = ("progress", "log_every", "snapshot_every")
 
 
 def class_weights(counts: torch.Tensor) -> torch.Tensor:
@@ -266,10 +286,11 @@ def _to_memory(inputs: tuple, memory: torch.memory_format) -> tuple:
 
 @torch.no_grad()
 def evaluate_rows(model: nn.Module, data, rows: torch.Tensor, objective, rt: Runtime,
-                  batch_size: int = 512) -> tuple[float, float, float]:
+                  batch_size: int = 512, outputs: list | None = None) -> tuple[float, float, float]:
     """(mean loss, accuracy, balanced accuracy) of `model` on `rows` of `data` (each rank takes a shard;
     results summed). Balanced accuracy: the mean recall over the classes present in `rows` (a constant
-    answer scores 1 / that many classes, whatever the class shares). Regression: accuracies are NaN."""
+    answer scores 1 / that many classes, whatever the class shares). Regression: accuracies are NaN.
+    `outputs`, when a list: (targets, outputs) of each batch of this rank's shard are appended (on the CPU)."""
     net = _unwrap(model)
     was_training = net.training
     net.eval()
@@ -285,6 +306,8 @@ def evaluate_rows(model: nn.Module, data, rows: torch.Tensor, objective, rt: Run
             loss, out = objective(net, inputs, y, training=False)
         loss_sum += loss.double() * len(idx)
         seen += len(idx)
+        if outputs is not None:
+            outputs.append((y.float().cpu(), out.float().cpu()))
         if k:
             hits += torch.bincount(y[out.argmax(1) == y], minlength=k).double()
             count += torch.bincount(y, minlength=k).double()
@@ -382,15 +405,204 @@ def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> 
     raise ValueError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
 
 
+# ---------------------------------------------------------------------------- regression plots
+
+@dataclass
+class TargetScale:
+    """A regression's targets: their names and the mean / std they were standardized with, so the per-epoch
+    plot shows predictions and targets on their own scale (value = standardized * std + mean)."""
+    names: list[str]
+    mean: list[float]
+    std: list[float]
+
+
+def regression_png(pairs: list[tuple[torch.Tensor, torch.Tensor]], targets: TargetScale, title: str) -> bytes:
+    """The evaluate stage's scatter (predicted vs true, RMSE and CCC per target) of `pairs` (standardized
+    (targets, outputs) batches, ``evaluate_rows(outputs=...)``) on the targets' scale, as PNG bytes."""
+    from ferpipe.evaluate.metrics import regression_metrics
+    from ferpipe.evaluate.plots import scatter_png_bytes
+
+    mean, std = np.asarray(targets.mean, np.float64), np.asarray(targets.std, np.float64)
+    y = torch.cat([a for a, _ in pairs]).double().numpy() * std + mean
+    pred = torch.cat([b for _, b in pairs]).double().numpy() * std + mean
+    return scatter_png_bytes(y, pred, targets.names, title, regression_metrics(y, pred, targets.names))
+
+
+def _put_plot(live, epoch: int, png: bytes) -> None:
+    """A regression plot into the dvclive folder: plots/images/regression/<epoch>.png (dvclive's
+    ``<folder>/<step>.png`` pattern, which DVC Studio and the VS Code extension show as a slider)."""
+    path = Path(live.plots_dir, "images", "regression", f"{epoch}.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
+
+
+def _log_epoch(live, row: dict) -> None:
+    """One epoch's figures into dvclive (also replayed from a snapshot when a run resumes)."""
+    live.step = row["epoch"]
+    for name in ("train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc"):
+        if name in row and not math.isnan(row[name]):  # not `key`: that names the selected figure
+            live.log_metric(name.replace("_", "/", 1), row[name])
+    live.next_step()
+
+
+# ---------------------------------------------------------------------------- snapshots
+
+SNAPSHOTS = Path(".ferpipe/snapshots")  # beside the stages' outputs, never inside one: DVC deletes those before a run
+
+
+def _note(msg: str) -> None:
+    """A line about the run's state (resumed, fresh start) on stderr: stdout keeps the results' lines."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def file_identity(path: str | os.PathLike | None) -> dict | None:
+    """What stands for a data file in a run-id: its absolute path, size and modification time (cheap for
+    arrays of gigabytes; a rewritten or checked-out file counts as other data: a fresh start, never a mix)."""
+    if not path:
+        return None
+    p = Path(path).resolve()
+    if not p.is_file():
+        return {"path": str(p)}
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def code_identity() -> str:
+    """sha256 of the ferpipe package's Python sources: a snapshot never resumes under other code."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RunSnapshots:
+    """The snapshots of one stage run: ``<root>/<run-id>/<name>.pt``, one per fit (fold0, ..., final).
+
+    The run-id is a hash of `identity` (what the stage says determines its results: its params but the
+    reporting ones, the identity of its input files) and of the ferpipe sources. A run finds the
+    snapshots of an earlier run with the same run-id (killed, or failed after some folds) and resumes;
+    snapshots of any other run-id are removed, saying so in one line. `every` is the params'
+    snapshot_every (0: nothing is read or written). Only the main process removes anything; ``clear``
+    (after the stage's outputs are written) removes this run's folder.
+    """
+
+    def __init__(self, root: str | os.PathLike, identity: dict, every: int, main: bool = True):
+        if int(every) < 0:
+            raise ValueError(f"snapshot_every must be >= 0 epochs (0 = none), got {every}")
+        self.root, self.every, self.main = Path(root), int(every), main
+        self.folder = self.root / _digest({**identity, "code": code_identity()})[:16]
+        if not (main and self.every and self.root.is_dir()):
+            return
+        others = sorted(p for p in self.root.iterdir() if p != self.folder)
+        for p in others:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if others:
+            _note(f"{self.root}: snapshots of another run (other params, data or code) removed: "
+                  f"this run starts from epoch 1")
+        found = sorted(p.stem for p in self.folder.glob("*.pt"))
+        if found:
+            _note(f"{self.folder}: resuming a stopped run with the same params, data and code "
+                  f"(snapshots of {', '.join(found)})")
+
+    def path(self, name: str) -> Path | None:
+        """The snapshot file of fit `name` (None: snapshots are off)."""
+        return self.folder / f"{name}.pt" if self.every else None
+
+    def clear(self) -> None:
+        if self.main:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.root.rmdir()  # when empty
+
+
+def _plain(obj) -> dict | None:
+    """An objective's or augmentation's settings for a snapshot key (tensors as lists, generators left out)."""
+    if obj is None:
+        return None
+    return {"type": type(obj).__name__, **{k: v.tolist() if isinstance(v, torch.Tensor) else v
+                                          for k, v in vars(obj).items() if not isinstance(v, torch.Generator)}}
+
+
+def _snapshot_key(cfg: FitConfig, net: nn.Module, train_rows, val_rows, rt: Runtime, objective, augment) -> str:
+    """What a snapshot must match to be resumed: the settings (not the reporting ones), the rows, the
+    model's tensors' names and shapes, the process count, the objective and augmentation settings."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in REPORTING}
+    shapes = [(k, list(v.shape), str(v.dtype)) for k, v in net.state_dict().items()]
+    rows = [None if r is None else hashlib.sha256(r.cpu().numpy().tobytes()).hexdigest() for r in (train_rows, val_rows)]
+    return _digest([settings, shapes, rows, rt.world, _plain(objective), _plain(augment)])
+
+
+def _rng_states(rt: Runtime, augment) -> list[dict]:
+    """The random states the next epoch draws from, of every process (a collective call under DDP):
+    torch's global CPU (and this device's CUDA) generator and the augmentation's own."""
+    gen = getattr(augment, "generator", None)
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
+            "augment": gen.get_state() if gen is not None else None}
+    if not rt.distributed:
+        return [mine]
+    states = [None] * rt.world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _set_rng_state(state: dict, rt: Runtime, augment) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], rt.device)
+    gen = getattr(augment, "generator", None)
+    if gen is not None and state["augment"] is not None:
+        gen.set_state(state["augment"])
+
+
+def _write_snapshot(path: Path, payload: dict) -> None:
+    """torch.save to a temp file beside `path`, then os.replace: a kill leaves the previous snapshot."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_snapshot(path: Path, key: str, desc: str, rt: Runtime) -> dict | None:
+    """The snapshot at `path` when it is one of this fit (its key); else None (and a line saying why)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a snapshot of another torch or ferpipe version: start again, say so
+        state = {"unreadable": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+    if isinstance(state, dict) and state.get("key") == key:
+        return state
+    if rt.is_main:
+        why = (f"unreadable ({state['unreadable']})" if isinstance(state, dict) and "unreadable" in state
+               else "of another fit (settings, rows, model or process count)")
+        _note(f"{desc}: snapshot {path} is {why}: this fit starts from epoch 1")
+    return None
+
+
 def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor | None,
         cfg: FitConfig, rt: Runtime, weights: torch.Tensor | None = None, augment: Callable | None = None,
-        live=None, desc: str = "train", objective=None) -> FitResult:
+        live=None, desc: str = "train", objective=None, snapshot: Path | None = None,
+        targets: TargetScale | None = None) -> FitResult:
     """Train `model` (already on rt.device, DDP-wrapped when distributed); return the best state.
 
     `data` gives batches by row index: ``data.batch(idx, augment) -> (*inputs, y)`` and its
     ``classes`` (a ``TensorData`` of images, a ``sequences.data.SequenceBatches`` of clips).
     `objective` (default: ``CrossEntropy(weights, cfg.label_smoothing)``) is the loss and how the
     model is called; `weights` are the class weights of that default.
+    `snapshot` (with ``cfg.snapshot_every``): the file of this fit's resumable state (module docstring);
+    every process passes it, the main one writes. `targets` (a regression; with ``cfg.plot_every`` and
+    `live`): the scatter of validation predictions vs targets every N epochs, into the dvclive folder.
     """
     if len(train_rows) == 0:
         raise ValueError(f"{desc}: no training rows")
@@ -430,15 +642,48 @@ def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor
     last = ""  # the previous epoch's summary, shown on the next epoch's bar
 
     best = FitResult(best_state={}, best_epoch=0, best_val_acc=None, best_val_loss=None, epochs=0)
+    plots: dict[int, bytes] = {}  # epoch -> the regression plot drawn then (kept in snapshots)
+    first = 1
+    snap_key = _snapshot_key(cfg, net, train_rows, val_rows, rt, objective, augment) \
+        if snapshot is not None and cfg.snapshot_every else None
+    state = _read_snapshot(Path(snapshot), snap_key, desc, rt) if snap_key else None
+    if state is not None:
+        best = FitResult(**state["result"])
+        # the history's keys as the interned literals that made them: pickling memoizes by identity, so a
+        # checkpoint holding this history has the bytes of an uninterrupted run's
+        best.history = [{sys.intern(k): v for k, v in row.items()} for row in best.history]
+        plots = {int(e): png.numpy().tobytes() for e, png in state["plots"].items()}
+        if rt.is_main and live is not None:  # the dvclive folder is new: its curves and plots so far, again
+            for row in best.history:
+                _log_epoch(live, row)
+            for e, png in plots.items():
+                _put_plot(live, e, png)
+        if state["done"]:
+            if rt.is_main:
+                _note(f"{desc}: finished in an earlier run ({best.epochs} epochs): taken from its snapshot, not retrained")
+            return best
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        if plateau is not None:
+            plateau.scale, plateau.best, plateau.bad = state["plateau"]
+        step = state["step"]
+        order.set_state(state["order"])
+        _set_rng_state(state["rng"][rt.rank], rt, augment)
+        first = state["epoch"] + 1
+        if rt.is_main:
+            _note(f"{desc}: resumed from its snapshot after epoch {state['epoch']}")
+    seconds = best.seconds  # of the earlier runs of this fit
     t0 = time.perf_counter()
-    for epoch in range(1, int(cfg.max_epochs) + 1):
+    for epoch in range(first, int(cfg.max_epochs) + 1):
         model.train()
         batches = train_batches(train_rows, cfg.batch_size, order, rt.world)
         loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
         correct = torch.zeros((), device=rt.device, dtype=torch.float64)
         seen = 0
         bar = tqdm(total=len(batches), desc=f"{desc} epoch {epoch}/{cfg.max_epochs}", unit="batch", leave=False,
-                   disable=bar_off, dynamic_ncols=True, postfix=_postfix(last, t0, epoch, cfg.max_epochs))
+                   disable=bar_off, dynamic_ncols=True, postfix=_postfix(last, t0, epoch, first, cfg.max_epochs))
         total_steps = int(cfg.max_epochs) * len(batches)
         warm_steps = cfg.localization_warmup * len(batches)
         for idx in batches:
@@ -471,15 +716,18 @@ def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor
             bar.update(1)
             if not bar.disable and (bar.n % 10 == 0 or bar.n == len(batches)):
                 bar.set_postfix_str(f"loss {float(loss_sum) / max(seen, 1):.4f} | "
-                                    + _postfix(last, t0, epoch, cfg.max_epochs), refresh=False)
+                                    + _postfix(last, t0, epoch, first, cfg.max_epochs), refresh=False)
         bar.close()
         loss_sum, correct, n = _all_sum(rt, loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64))
         best.images += int(n)
         row = {"epoch": epoch, "train_loss": float(loss_sum / n),
                "train_acc": float(correct / n) if objective.classify else float("nan")}
+        plot = (targets is not None and has_val and live is not None and rt.is_main and bool(cfg.plot_every)
+                and epoch % cfg.plot_every == 0)
+        pairs = [] if plot else None
         if has_val:
             row["val_loss"], row["val_acc"], row["val_bal_acc"] = evaluate_rows(model, data, val_rows, objective,
-                                                                                 rt, cfg.eval_batch_size)
+                                                                                 rt, cfg.eval_batch_size, pairs)
         if plateau is not None:
             plateau.step(row[key] if has_val else row["train_loss"], cfg.lr)
             row["lr"] = cfg.lr * plateau.scale
@@ -496,11 +744,10 @@ def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor
         stop = has_val and epoch - best.best_epoch >= patience and best.best_score > floor
         if rt.is_main:
             if live is not None:
-                live.step = epoch
-                for name in ("train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc"):
-                    if name in row and not math.isnan(row[name]):  # not `key`: that names the selected figure
-                        live.log_metric(name.replace("_", "/", 1), row[name])
-                live.next_step()
+                _log_epoch(live, row)
+            if plot:
+                plots[epoch] = regression_png(pairs, targets, f"{desc}, epoch {epoch}: validation")
+                _put_plot(live, epoch, plots[epoch])
             last = f"train loss {row['train_loss']:.4f}" + (f" acc {row['train_acc']:.4f}" if objective.classify else "")
             if has_val:
                 last += (f" | val loss {row['val_loss']:.4f}"
@@ -508,6 +755,11 @@ def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor
                          + f" | best {best.best_score:.4f} @ {best.best_epoch}")
             if cfg.log_every and (epoch % cfg.log_every == 0 or epoch == 1 or epoch == cfg.max_epochs or stop):
                 tqdm.write(f"{desc} epoch {epoch}/{cfg.max_epochs}: {last}")
+        done = stop or epoch == cfg.max_epochs
+        if snap_key and (done or epoch % cfg.snapshot_every == 0):
+            best.seconds = seconds + time.perf_counter() - t0
+            _save_snapshot(Path(snapshot), snap_key, epoch, done, best, plots, rt, augment, net, optimizer, scaler,
+                           plateau, step, order)
         if stop:
             if rt.is_main and cfg.log_every:
                 tqdm.write(f"{desc}: early stop at epoch {epoch} (no validation {cfg.select} gain for "
@@ -515,15 +767,33 @@ def fit(model: nn.Module, data, train_rows: torch.Tensor, val_rows: torch.Tensor
             break
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
-    best.seconds = time.perf_counter() - t0
+    best.seconds = seconds + time.perf_counter() - t0
     return best
 
 
-def _postfix(last: str, t0: float, epoch: int, max_epochs: int) -> str:
-    """The bar's text after the batch count: the previous epoch's summary and the run's ETA (at max_epochs)."""
-    if epoch <= 1:
+def _save_snapshot(path: Path, key: str, epoch: int, done: bool, best: FitResult, plots: dict, rt: Runtime,
+                   augment, net: nn.Module, optimizer, scaler, plateau: Plateau | None, step: int,
+                   order: torch.Generator) -> None:
+    """The state after `epoch` (every process calls it: the RNG states are gathered; the main one writes).
+    A finished fit's (`done`) keeps only its result and plots: nothing more trains from it."""
+    payload = {"key": key, "epoch": epoch, "done": done,
+               "result": {f.name: getattr(best, f.name) for f in fields(FitResult)},
+               "plots": {e: torch.frombuffer(bytearray(png), dtype=torch.uint8) for e, png in plots.items()}}
+    if not done:
+        payload.update(rng=_rng_states(rt, augment), step=step, order=order.get_state(),
+                       model={k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()},
+                       optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+                       plateau=[plateau.scale, plateau.best, plateau.bad] if plateau is not None else None)
+    if rt.is_main:
+        _write_snapshot(path, payload)
+
+
+def _postfix(last: str, t0: float, epoch: int, first: int, max_epochs: int) -> str:
+    """The bar's text after the batch count: the previous epoch's summary and the run's ETA (at max_epochs);
+    t0: when epoch `first` (1, or the one after a snapshot) began."""
+    if epoch <= first:
         return last
-    per_epoch = (time.perf_counter() - t0) / (epoch - 1)
+    per_epoch = (time.perf_counter() - t0) / (epoch - first)
     left = per_epoch * (max_epochs - epoch + 1)
     eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
     return f"{last} | {per_epoch:.1f} s/epoch | ETA {eta} to epoch {max_epochs}"

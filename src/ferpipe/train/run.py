@@ -17,6 +17,13 @@ checkpoint's meta as target_mean / target_std, with "task": "valence_arousal") b
 mse (``auto``) or ccc (1 - the concordance correlation coefficient). The epoch is selected by the
 validation loss (``train.select`` must be ``loss``); metrics/train.json has per-fold val_loss and
 val_loss_mean / val_loss_std instead of accuracies; class weights and the chance-level check do not apply.
+Every ``train.plot_every`` epochs a fold's dvclive folder gets the scatter of its validation predictions vs
+targets (plots/images/regression/<epoch>.png).
+
+Snapshots (``train.snapshot_every``): each fold (and the final model) keeps a resumable state in
+``.ferpipe/snapshots/train/<run-id>/`` (``ferpipe.train.loop.RunSnapshots``); a run with the same run-id
+takes finished folds from their snapshots and continues the interrupted one after its last snapshot,
+with the weights, history and metrics of an uninterrupted run. The snapshots go once the outputs are written.
 """
 from __future__ import annotations
 
@@ -30,15 +37,16 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ferpipe.data.augment import BatchAugment
-from ferpipe.data.tensors import TensorData, load_data
+from ferpipe.data.tensors import TensorData, artifact_paths, load_data
 from ferpipe.models import MODEL_SPECS, STN, build_model, load_weights, replace_head
 from ferpipe.models.checkpoint import save_checkpoint
 from ferpipe.models.inputs import InputSpec
 from ferpipe.live import live_curves
 from ferpipe.store import output_set, write_json
 from ferpipe.train.data import channel_stats, preprocess_record
-from ferpipe.train.loop import (Concordance, FitConfig, MeanSquared, Runtime, class_weights, fit, seed_everything,
-                                setup_runtime, teardown_runtime)
+from ferpipe.train.loop import (REPORTING, SNAPSHOTS, Concordance, FitConfig, MeanSquared, RunSnapshots, Runtime,
+                                TargetScale, class_weights, file_identity, fit, seed_everything, setup_runtime,
+                                teardown_runtime)
 
 DEFAULTS = {
     "seed": 2020, "folds": "all", "final": False, "max_epochs": 500, "patience": 30, "batch_size": 128,
@@ -46,7 +54,7 @@ DEFAULTS = {
     "class_weights": True, "label_smoothing": 0.0, "standardize": True, "channels_last": True, "compile": False,
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
-    "deterministic": True, "progress": None, "log_every": 10, "loss": "auto",
+    "deterministic": True, "progress": None, "log_every": 10, "loss": "auto", "snapshot_every": 5, "plot_every": 10,
 }
 # train.loss: auto = cross-entropy for a classification task, mse for valence/arousal; ccc: valence/arousal only
 LOSSES = ("auto", "mse", "ccc")
@@ -63,6 +71,9 @@ def resolve_params(prm: dict | None) -> dict:
     out["model_kwargs"] = dict(out["model_kwargs"] or {})
     if out["loss"] not in LOSSES:
         raise ValueError(f"train.loss must be one of {', '.join(LOSSES)}, got {out['loss']!r}")
+    for key in ("snapshot_every", "plot_every"):
+        if not isinstance(out[key], int) or out[key] < 0:
+            raise ValueError(f"train.{key} must be a whole number of epochs >= 0 (0 = none), got {out[key]!r}")
     return out
 
 
@@ -179,15 +190,17 @@ def chance_check(data: TensorData, rows: torch.Tensor, acc: float | None, desc: 
 
 
 def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: torch.Tensor | None,
-              prm: dict, rt: Runtime, seed: int, max_epochs: int, live_dir: str | None, desc: str):
-    """Train one model; returns (model with the best state loaded, FitResult, stored model kwargs)."""
+              prm: dict, rt: Runtime, seed: int, max_epochs: int, live_dir: str | None, desc: str,
+              snapshot: Path | None = None):
+    """Train one model; returns (model with the best state loaded, FitResult, stored model kwargs).
+    `snapshot`: its resumable state's file (``fit``)."""
     seed_everything(seed, prm["deterministic"])
     data.spec = _fold_spec(data, train_rows, prm["standardize"])
-    objective, weights = None, None
+    objective, weights, targets = None, None, None
     if data.regression:
         # valence/arousal: targets standardized with these training rows' mean/std. Class weights (and label
         # smoothing) belong to the cross-entropy of a classification: with no classes they are ignored here.
-        data.standardize_targets(train_rows)
+        targets = TargetScale(data.classes, *data.standardize_targets(train_rows))
         objective = regression_objective(prm)
     elif prm["class_weights"]:
         weights = class_weights(data.class_counts(train_rows))
@@ -203,9 +216,11 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
                     localization_lr=float(prm["localization_lr"]),
                     localization_warmup=float(prm["localization_warmup"]), select=prm["select"],
                     label_smoothing=float(prm["label_smoothing"]), channels_last=bool(prm["channels_last"]), compile=bool(prm["compile"]), seed=seed,
-                    progress=prm["progress"], log_every=prm["log_every"])
+                    progress=prm["progress"], log_every=prm["log_every"], snapshot_every=int(prm["snapshot_every"]),
+                    plot_every=int(prm["plot_every"]))
     with live_curves(live_dir, rt.is_main) as live:
-        result = fit(wrapped, data, train_rows, val_rows, cfg, rt, weights, augment, live, desc, objective)
+        result = fit(wrapped, data, train_rows, val_rows, cfg, rt, weights, augment, live, desc, objective,
+                     snapshot, targets)
     model.load_state_dict(result.best_state)
     model.eval()
     return model, result, stored_kwargs
@@ -213,7 +228,7 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
 
 def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str = "data/gray48/images.h5",
               guides_dir: str = "data/guides", models_dir: str = "models", metrics_path: str | None = "metrics/train.json",
-              live_root: str | None = "dvclive/train") -> dict:
+              live_root: str | None = "dvclive/train", snapshots: str | os.PathLike | None = SNAPSHOTS / "train") -> dict:
     """Cross-validate (and optionally train the final model) as params say; return the metrics dict.
 
     ``params``: the whole params.yaml (``model``, ``task``, ``train``). Runs under torchrun too.
@@ -221,18 +236,40 @@ def run_train(params: dict, split_csv: str = "data/split/split.csv", gray48: str
     is built beside the old one and replaces it whole only when the run succeeds, so a failed or
     killed run leaves the previous models and metrics exactly as they were, and no fold file of an
     earlier run survives into a new set. Under torchrun only rank 0 writes.
+    `snapshots`: the folder of this stage's run snapshots (module docstring; None: none), emptied
+    once the outputs are written.
     """
-    main = int(os.environ.get("RANK", "0")) == 0
-    with output_set([metrics_path], dirs=[models_dir, live_root]) if main else contextlib.nullcontext():
-        return _run_train(params, split_csv, gray48, guides_dir, models_dir, metrics_path, live_root)
-
-
-def _run_train(params: dict, split_csv: str, gray48: str, guides_dir: str, models_dir: str,
-               metrics_path: str | None, live_root: str | None) -> dict:
     name = params["model"]
     if name not in MODEL_SPECS:
         raise ValueError(f"model {name!r} is not a registry model ({', '.join(MODEL_SPECS)})")
     prm = resolve_params(params.get("train"))
+    main = int(os.environ.get("RANK", "0")) == 0
+    snaps = None
+    if snapshots:
+        snaps = RunSnapshots(snapshots, run_identity(name, params.get("task"), prm, split_csv, gray48, guides_dir),
+                             prm["snapshot_every"], main)
+    with output_set([metrics_path], dirs=[models_dir, live_root]) if main else contextlib.nullcontext():
+        metrics = _run_train(name, prm, params.get("task"), split_csv, gray48, guides_dir, models_dir, metrics_path,
+                             live_root, snaps)
+    if snaps is not None:
+        snaps.clear()
+    return metrics
+
+
+def run_identity(name: str, task, prm: dict, split_csv, gray48, guides_dir) -> dict:
+    """What determines a train run's results, for its snapshots' run-id: the model, task and train params
+    (not the reporting ones: progress, log_every, snapshot_every; threads and eval_batch_size stay, they
+    change the last bits), the process count, and the identity (path, size, mtime) of split.csv, the
+    arrays the model reads and the init_from / weights_path files."""
+    spec = MODEL_SPECS[name]
+    files = [split_csv, *artifact_paths(spec["image"], spec["guide"], gray48, guides_dir), prm["init_from"],
+             prm["model_kwargs"].get("weights_path")]
+    return {"stage": "train", "model": name, "task": task, "world": int(os.environ.get("WORLD_SIZE", "1")),
+            "train": {k: v for k, v in prm.items() if k not in REPORTING}, "files": [file_identity(f) for f in files]}
+
+
+def _run_train(name: str, prm: dict, task: str | None, split_csv: str, gray48: str, guides_dir: str, models_dir: str,
+               metrics_path: str | None, live_root: str | None, snaps: RunSnapshots | None) -> dict:
     rt = setup_runtime(prm["device"], prm["threads"], prm["amp"])
     try:
         data = load_data(split_csv, name, prm["model_kwargs"], gray48, guides_dir, rt.device, splits=("train",))
@@ -242,7 +279,7 @@ def _run_train(params: dict, split_csv: str, gray48: str, guides_dir: str, model
         if not folds and not prm["final"]:
             raise ValueError("train.folds is none (no cross-validation) but train.final is false: nothing to train")
         models_dir = Path(models_dir)
-        task = "valence_arousal" if regression else params.get("task")
+        task = "valence_arousal" if regression else task
         if rt.is_main:
             what = (f"targets {data.classes} (regression, loss {'ccc' if prm['loss'] == 'ccc' else 'mse'})"
                     if regression else f"classes {data.classes}")
@@ -257,7 +294,7 @@ def _run_train(params: dict, split_csv: str, gray48: str, guides_dir: str, model
             train_rows, val_rows = data.train_rows(exclude_fold=k), data.val_rows(k)
             live = f"{live_root}/fold{k}" if live_root else None
             model, res, kw = train_one(name, data, train_rows, val_rows, prm, rt, prm["seed"] + k,
-                                       prm["max_epochs"], live, f"fold {k}")
+                                       prm["max_epochs"], live, f"fold {k}", snaps and snaps.path(f"fold{k}"))
             if regression:  # no accuracy, no chance level: the validation loss is the figure
                 metrics["folds"][str(k)] = {"val_loss": res.best_val_loss, "best_epoch": res.best_epoch,
                                             "epochs": res.epochs, "train_rows": len(train_rows), "val_rows": len(val_rows)}
@@ -291,7 +328,8 @@ def _run_train(params: dict, split_csv: str, gray48: str, guides_dir: str, model
             n_epochs = max(1, int(round(epochs.mean()))) if folds else int(prm["max_epochs"])
             rows = data.train_rows()
             live = f"{live_root}/final" if live_root else None
-            model, res, kw = train_one(name, data, rows, None, prm, rt, prm["seed"] + 1000, n_epochs, live, "final")
+            model, res, kw = train_one(name, data, rows, None, prm, rt, prm["seed"] + 1000, n_epochs, live, "final",
+                                       snaps and snaps.path("final"))
             if regression:
                 metrics["final"] = {"epochs": n_epochs, "train_rows": len(rows), "train_loss": res.history[-1]["train_loss"]}
             else:
