@@ -322,7 +322,7 @@ def train_args(p: Path, models: Path, metrics: Path, live: Path, *settings: str)
     sets = ("model=baseline", "train.folds=[0,1]", "train.threads=1", "train.patience=0", "train.device=cpu",
             "train.batch_size=16", *settings)
     return ["--split", p / "split/split.csv", "--gray48", p / "gray48/images.h5", "--guides", p / "guides",
-            "--models", models, "--metrics", metrics, "--live", live,
+            "--models", models, "--metrics", metrics, "--live", live, "--curves", "",  # not the repository's
             *[x for s in sets for x in ("-S", s)]]
 
 
