@@ -11,13 +11,14 @@ OUT=${OUT:-/tmp/gpu_check}; W=/tmp/gpu_work; mkdir -p "$OUT" $W
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; import recipe_search as r; r.unpack(Path('.carry/fer7pack'), Path('$W'))"
-common=(--split .carry/fer7pack/split.csv --gray48 $W/gray48.h5 --guides $W/none --live "" --curves "" -S folds=[0] -S log_every=1)
+common=(--split .carry/fer7pack/split.csv --gray48 $W/gray48.h5 --guides $W/none --live "" --curves "" -S model=baseline
+        -S 'train.folds=[0]' -S train.log_every=1)
 for amp in false true; do
-  python3 stages/train.py --model baseline "${common[@]}" --models $W/m_amp$amp --metrics $W/t_amp$amp.json \
-    -S device=cuda -S amp=$amp -S max_epochs=3 2>&1 | grep -E "^train|^fold|epoch" | tee "$OUT/cuda_amp_$amp.log"
+  python3 stages/train.py "${common[@]}" --models $W/m_amp$amp --metrics $W/t_amp$amp.json \
+    -S train.device=cuda -S train.amp=$amp -S train.max_epochs=3 2>&1 | grep -E "^train|^fold|epoch" | tee "$OUT/cuda_amp_$amp.log"
 done
-(python3 -m torch.distributed.run --nproc_per_node 2 stages/train.py --model baseline "${common[@]}" \
-  --models $W/m_ddp --metrics $W/t_ddp.json -S device=cpu -S threads=2 -S max_epochs=1 > "$OUT/ddp_cpu.log" 2>&1;
+(python3 -m torch.distributed.run --nproc_per_node 2 stages/train.py "${common[@]}" \
+  --models $W/m_ddp --metrics $W/t_ddp.json -S train.device=cpu -S train.threads=2 -S train.max_epochs=1 > "$OUT/ddp_cpu.log" 2>&1;
  echo "ddp exit $?" >> "$OUT/ddp_cpu.log") &
 python3 bench/recipe_search.py --data .carry/fer7pack --out $W/search --device cuda --deadline "${DEADLINE:-420}" ${ONLY:+--only $ONLY} \
   > "$OUT/search.log" 2>&1

@@ -47,13 +47,15 @@ def main():
     out = Path(a.out)
     py = sys.executable
     stages = [
-        ("ingest", [py, "stages/ingest.py", "--format", a.format, "--path", a.data, "--workers", str(a.workers),
+        ("ingest", [py, "stages/ingest.py", "-S", f"dataset.format={a.format}", "-S", f"dataset.path={a.data}",
+                    "-S", f"ingest.workers={a.workers}",
                     "--out", f"{out}/ingest/images.h5", "--manifest", f"{out}/ingest/manifest.csv",
                     "--rejects", f"{out}/ingest/rejects.csv", "--metrics", f"{out}/ingest.json",
                     "--sheet", f"{out}/ingest.png", "--quiet"]),
         ("gray48", [py, "stages/gray48.py", "--images", f"{out}/ingest/images.h5", "--out", f"{out}/gray48.h5",
                     "--sheet", f"{out}/gray48.png"]),
-        ("landmarks", [py, "stages/landmarks.py", "--images", f"{out}/ingest/images.h5", "--workers", str(a.workers),
+        ("landmarks", [py, "stages/landmarks.py", "--images", f"{out}/ingest/images.h5",
+                       "-S", f"landmarks.workers={a.workers}",
                        "--out", f"{out}/landmarks.h5", "--metrics", f"{out}/landmarks.json",
                        "--sheet", f"{out}/landmarks.png"]),
     ]

@@ -27,31 +27,31 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON = ["-S", "lr_schedule=cosine", "-S", "patience=0", "-S", "class_weights=false"]
-VGG24 = ["-S", "model_kwargs={width: 24}"]
-VGG32 = ["-S", "model_kwargs={width: 32}"]
-STRONG_AUG = ["-S", "augment={hflip: 0.5, degrees: 15, scale: [0.85, 1.15], translate: 0.12}"]
+COMMON = ["-S", "train.lr_schedule=cosine", "-S", "train.patience=0", "-S", "train.class_weights=false"]
+VGG24 = ["-S", "train.model_kwargs={width: 24}"]
+VGG32 = ["-S", "train.model_kwargs={width: 32}"]
+STRONG_AUG = ["-S", "train.augment={hflip: 0.5, degrees: 15, scale: [0.85, 1.15], translate: 0.12}"]
 # name -> train overrides (model vgg); fold0_* select, all_* are the recipe as it would ship
 CONFIGS: dict[str, list[str]] = {
-    "fold0_w24_e60": VGG24 + ["-S", "max_epochs=60"],
-    "fold0_w24_e60_ls": VGG24 + ["-S", "max_epochs=60", "-S", "label_smoothing=0.1"],
-    "fold0_w24_e60_aug": VGG24 + ["-S", "max_epochs=60"] + STRONG_AUG,
-    "fold0_w24_e60_wd": VGG24 + ["-S", "max_epochs=60", "-S", "weight_decay=0.0005"],
-    "fold0_w24_e60_lr2": VGG24 + ["-S", "max_epochs=60", "-S", "lr=0.002"],
-    "fold0_w32_e40": VGG32 + ["-S", "max_epochs=40"],
-    "fold0_w16_e120": ["-S", "model_kwargs={width: 16}", "-S", "max_epochs=120"],
-    "fold0_w24_e60_ls_aug": VGG24 + ["-S", "max_epochs=60", "-S", "label_smoothing=0.1"] + STRONG_AUG,
-    "all_w24_e60": VGG24 + ["-S", "max_epochs=60"],
-    "all_w24_e60_ls": VGG24 + ["-S", "max_epochs=60", "-S", "label_smoothing=0.1"],
-    "all_w24_e60_ls_aug": VGG24 + ["-S", "max_epochs=60", "-S", "label_smoothing=0.1"] + STRONG_AUG,
-    "all_w32_e40": VGG32 + ["-S", "max_epochs=40"],
+    "fold0_w24_e60": VGG24 + ["-S", "train.max_epochs=60"],
+    "fold0_w24_e60_ls": VGG24 + ["-S", "train.max_epochs=60", "-S", "train.label_smoothing=0.1"],
+    "fold0_w24_e60_aug": VGG24 + ["-S", "train.max_epochs=60"] + STRONG_AUG,
+    "fold0_w24_e60_wd": VGG24 + ["-S", "train.max_epochs=60", "-S", "train.weight_decay=0.0005"],
+    "fold0_w24_e60_lr2": VGG24 + ["-S", "train.max_epochs=60", "-S", "train.lr=0.002"],
+    "fold0_w32_e40": VGG32 + ["-S", "train.max_epochs=40"],
+    "fold0_w16_e120": ["-S", "train.model_kwargs={width: 16}", "-S", "train.max_epochs=120"],
+    "fold0_w24_e60_ls_aug": VGG24 + ["-S", "train.max_epochs=60", "-S", "train.label_smoothing=0.1"] + STRONG_AUG,
+    "all_w24_e60": VGG24 + ["-S", "train.max_epochs=60"],
+    "all_w24_e60_ls": VGG24 + ["-S", "train.max_epochs=60", "-S", "train.label_smoothing=0.1"],
+    "all_w24_e60_ls_aug": VGG24 + ["-S", "train.max_epochs=60", "-S", "train.label_smoothing=0.1"] + STRONG_AUG,
+    "all_w32_e40": VGG32 + ["-S", "train.max_epochs=40"],
 }
 # Round 2: on 2 CPU cores CompactVGG width 24 trains at ~190 img/s (146 s per FER-2013 epoch), so 60
 # epochs do not fit an hour. These thin-first-block variants train ~1.4-2x faster; their epoch
 # counts fit ~55 minutes of 2-core training.
-THIN = ["-S", "model_kwargs={channels: [16, 32, 96, 192], convs: [1, 2, 2, 2]}", "-S", "max_epochs=40"]
-FIVE = ["-S", "model_kwargs={channels: [16, 32, 64, 128, 256], convs: [1, 2, 2, 2, 2]}", "-S", "max_epochs=40"]
-W24_1 = ["-S", "model_kwargs={channels: [24, 48, 96, 192], convs: [1, 2, 2, 2]}", "-S", "max_epochs=30"]
+THIN = ["-S", "train.model_kwargs={channels: [16, 32, 96, 192], convs: [1, 2, 2, 2]}", "-S", "train.max_epochs=40"]
+FIVE = ["-S", "train.model_kwargs={channels: [16, 32, 64, 128, 256], convs: [1, 2, 2, 2, 2]}", "-S", "train.max_epochs=40"]
+W24_1 = ["-S", "train.model_kwargs={channels: [24, 48, 96, 192], convs: [1, 2, 2, 2]}", "-S", "train.max_epochs=30"]
 CONFIGS.update({"fold0_thin_e40": THIN, "all_thin_e40": THIN, "fold0_five_e40": FIVE, "all_five_e40": FIVE,
                 "fold0_w24c1_e30": W24_1, "all_w24c1_e30": W24_1})
 
@@ -80,16 +80,17 @@ def unpack(data: Path, work: Path) -> tuple[Path, Path]:
 def launch(name: str, extra: list[str], gray48: Path, split: Path, out: Path, device: str, threads: int):
     o = out / name
     o.mkdir(parents=True, exist_ok=True)
-    folds = ["-S", "folds=[0]"] if name.startswith("fold0") else ["-S", "folds=none", "-S", "final=true"]
+    folds = ["-S", "train.folds=[0]"] if name.startswith("fold0") else ["-S", "train.folds=none", "-S", "train.final=true"]
     py = sys.executable
-    train = [py, str(REPO / "stages/train.py"), "--model", "vgg", "--split", str(split), "--gray48", str(gray48),
+    train = [py, str(REPO / "stages/train.py"), "-S", "model=vgg", "--split", str(split), "--gray48", str(gray48),
              "--guides", str(out / "noguides"), "--models", str(o / "models"), "--metrics", str(o / "train.json"),
-             "--live", "", "--curves", str(o / "curves.png"), "-S", f"device={device}", "-S", "amp=false", "-S", "deterministic=false",
-             "-S", f"threads={threads}", "-S", "log_every=5", *COMMON, *folds, *extra]
+             "--live", "", "--curves", str(o / "curves.png"), "-S", f"train.device={device}", "-S", "train.amp=false",
+             "-S", "train.deterministic=false", "-S", f"train.threads={threads}", "-S", "train.log_every=5", *COMMON,
+             *folds, *extra]
     evals = [[py, str(REPO / "stages/evaluate.py"), "--models", str(o / "models"), "--split", str(split),
               "--gray48", str(gray48), "--guides", str(out / "noguides"), "--metrics", str(o / f"eval_tta{t}.json"),
-              "--results", "", "--predictions", "", "--confusion", "", "--errors", "", "-S", f"tta={t}", "-S", f"device={device}",
-              "-S", f"threads={threads}"] for t in (0, 10)]
+              "--results", "", "--predictions", "", "--confusion", "", "--errors", "", "-S", f"evaluate.tta={t}",
+              "-S", f"evaluate.device={device}", "-S", f"evaluate.threads={threads}"] for t in (0, 10)]
     script = " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in [train, *evals])
     log = open(o / "log.txt", "w")
     return subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT,
@@ -136,7 +137,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     gray48, split = unpack(a.data, a.out)
     t0 = time.time()
-    smoke = ["-S", f"max_epochs={a.epochs}"] if a.epochs else []
+    smoke = ["-S", f"train.max_epochs={a.epochs}"] if a.epochs else []
     procs = {n: (launch(n, CONFIGS[n] + smoke, gray48, split, a.out, a.device, a.threads), time.time())
              for n in (a.only or CONFIGS)}
     while procs and time.time() - t0 < a.deadline:

@@ -1,7 +1,7 @@
 """Benchmark the sequence stages on real CK+ (../shared/data/sequences) and print tables of figures.
 
 Steps (each cached in --out; run all, or name some):
-  prep       CK+ through the real stage scripts: ingest (--format ck_sequences) -> gray48
+  prep       CK+ through the real stage scripts: ingest (-S dataset.format=ck_sequences) -> gray48
   pretrain   a registry Simple-CNN ("baseline") trained on FER-2013 train (10% held out for the best
              epoch), the CNN the LSTM-on-CNN features come from; its FER-2013 PublicTest accuracy
   features   features stage speed (images/s): the FER CNN over the CK+ frames and over FER-2013 test
@@ -54,7 +54,8 @@ def sh(cmd):
 def prep(out: Path):
     py = sys.executable
     t0 = time.perf_counter()
-    sh([py, "stages/ingest.py", "--format", "ck_sequences", "--path", str(SHARED / "sequences"), "--workers", "1",
+    sh([py, "stages/ingest.py", "-S", "dataset.format=ck_sequences", "-S", f"dataset.path={SHARED / 'sequences'}",
+        "-S", "ingest.workers=1",
         "--out", out / "ingest/images.h5", "--manifest", out / "ingest/manifest.csv", "--rejects", out / "ingest/rejects.csv",
         "--metrics", out / "ingest.json", "--sheet", out / "ingest.png", "--quiet"])
     sh([py, "stages/gray48.py", "--images", out / "ingest/images.h5", "--out", out / "gray48/images.h5", "--sheet", ""])

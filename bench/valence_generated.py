@@ -8,7 +8,7 @@ gray48 -> split (task valence_arousal; validation.csv, made from FER-2013 Public
 -> train -> evaluate. The numbers say that the regression path trains and measures, not how a model
 does on real valence/arousal annotations.
 
-    .venv/bin/python bench/valence_generated.py --per-class 400 --test-per-class 100 -S max_epochs=20
+    .venv/bin/python bench/valence_generated.py --per-class 400 --test-per-class 100 -S train.max_epochs=20
 prints metrics/results.json and the per-target figures of eval.json; everything lands under --out.
 tests/test_valence.py builds its data with ``affectnet_layout`` from here.
 """
@@ -62,7 +62,8 @@ def main() -> None:
     p.add_argument("--model", default="baseline")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE",
-                   help="train param override for stages/train.py (repeatable), e.g. -S max_epochs=20")
+                   help="passed to stages/train.py: a train param for this run, the full key (repeatable), "
+                        "e.g. -S train.max_epochs=20")
     a = p.parse_args()
     out = a.out
     if out.exists():

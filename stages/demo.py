@@ -13,11 +13,13 @@ With --sequences it writes demo expression sequences instead, in the CK+ layout 
 read (<out>/frames/<sequence>/<sequence>_<frame>.png + <out>/labels.csv): the same faces going from
 neutral to the apex of happy, sad, surprise or angry. Params: demo.seed, demo.size,
 demo.sequences.per_class, demo.sequences.frames.
+Command line: paths, plus -S KEY=VALUE with the full params.yaml key for this run only, as `dvc exp run -S`
+takes it (python stages/demo.py --sequences -S demo.sequences.frames=5).
 """
 import json
 
 from ferpipe.data.demo import make_demo, make_demo_sequences
-from ferpipe.params import load_params
+from ferpipe.params import add_set_option, required, stage_params, whole_number
 from ferpipe.stagecli import run_stage, stage_parser
 
 
@@ -28,20 +30,20 @@ def parser():
     p.add_argument("--metrics", help="metrics JSON ('' for none; default metrics/demo.json, with --sequences "
                                      "metrics/demo_sequences.json)")
     p.add_argument("--sequences", action="store_true", help="write the demo sequences (CK+ layout) instead")
-    p.add_argument("--per-class", type=int, help="--sequences: override demo.sequences.per_class")
-    p.add_argument("--frames", type=int, help="--sequences: override demo.sequences.frames")
     p.add_argument("--params", default="params.yaml", help="params file")
-    p.add_argument("--seed", type=int, help="override demo.seed")
-    p.add_argument("--train-per-class", type=int, help="override demo.train_per_class")
-    p.add_argument("--test-per-class", type=int, help="override demo.test_per_class")
-    p.add_argument("--size", type=int, help="override demo.size (image side in pixels)")
+    add_set_option(p, "demo.seed=1")
     return p
 
 
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    prm = load_params(a.params, "demo")
+    keys = ("seed", "size") + (("sequences.per_class", "sequences.frames") if a.sequences else
+                               ("train_per_class", "test_per_class"))
+    params = stage_params(p, a.params, a.set, reads=tuple(f"demo.{key}" for key in keys))
+    # whole numbers here; their ranges (a face needs 16 px, a sequence 2 frames) are the library's
+    prm = {key.rpartition(".")[2]: whole_number(p, f"demo.{key}", required(params, f"demo.{key}", a.params), 0)
+           for key in keys}
     try:
         result = _generate(a, prm)
     except ValueError as e:  # sizes and counts out of range: a usage error, not a traceback
@@ -50,18 +52,12 @@ def main(argv=None):
 
 
 def _generate(a, prm: dict) -> dict:
-    """The image demo, or with --sequences the demo sequences; CLI values win over params."""
-    pick = lambda cli, key, sec=prm: sec[key] if cli is None else cli  # noqa: E731  (0 is a valid override)
+    """The image demo, or with --sequences the demo sequences."""
     metrics = lambda default: default if a.metrics is None else a.metrics or None  # noqa: E731
     if a.sequences:
-        seq = prm.get("sequences") or {}
-        return make_demo_sequences(a.out or "data/demo_sequences", seed=pick(a.seed, "seed"),
-                                   per_class=pick(a.per_class, "per_class", seq), frames=pick(a.frames, "frames", seq),
-                                   size=pick(a.size, "size"), metrics_path=metrics("metrics/demo_sequences.json"))
-    return make_demo(a.out or "data/demo", seed=pick(a.seed, "seed"),
-                     train_per_class=pick(a.train_per_class, "train_per_class"),
-                     test_per_class=pick(a.test_per_class, "test_per_class"), size=pick(a.size, "size"),
-                     metrics_path=metrics("metrics/demo.json"))
+        return make_demo_sequences(a.out or "data/demo_sequences", **prm,
+                                   metrics_path=metrics("metrics/demo_sequences.json"))
+    return make_demo(a.out or "data/demo", **prm, metrics_path=metrics("metrics/demo.json"))
 
 
 if __name__ == "__main__":

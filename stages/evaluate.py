@@ -19,7 +19,8 @@ their means; predictions.csv id, actual_valence, actual_arousal, predicted_valen
 (DVC's confusion template cannot draw it); --confusion's path holds the predicted-vs-true scatter
 per target (there is no confusion matrix; the path stays the one dvc.yaml declares) and --errors' the
 rows predicted farthest from the truth.
-Example: python stages/evaluate.py -S tta=8 --metrics metrics/eval_tta.json
+Command line: paths, plus -S KEY=VALUE with the full params.yaml key for this run only, as `dvc exp run -S`
+takes it. Example: python stages/evaluate.py -S evaluate.tta=8 --metrics metrics/eval_tta.json
 Compare runs: dvc exp show --only-changed; dvc metrics diff --targets metrics/eval.json; dvc plots diff; ensembles of runs: python stages/ensemble.py --help
 """
 import os
@@ -32,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import yaml
 
 from ferpipe.evaluate.run import DEFAULTS, run_evaluate
-from ferpipe.params import add_override_option, load_params, overridden
+from ferpipe.params import add_set_option, stage_params
 from ferpipe.stagecli import run_stage, stage_parser
 
 
@@ -53,15 +54,14 @@ def parser():
     p.add_argument("--confusion", default="plots/eval/confusion.png",
                    help="confusion PNG; a valence/arousal model's predicted-vs-true scatter ('' for none)")
     p.add_argument("--errors", default="plots/eval/errors.png", help="worst-errors sheet PNG ('' for none)")
-    add_override_option(p, "evaluate param", "tta=4")
+    add_set_option(p, "evaluate.tta=4")
     return p
 
 
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    params = load_params(a.params)
-    params["evaluate"] = overridden(p, params.get("evaluate"), a.set)
+    params = stage_params(p, a.params, a.set, reads=("model", "recipe", "evaluate.*"))
     m = run_evaluate(params, a.models, a.split, a.gray48, a.guides, a.metrics or None, a.predictions or None,
                      a.confusion or None, a.errors or None, a.results or None, a.train_metrics or None)
     keys = ("model", "members", "tta", "n", "accuracy", "macro_f1", "balanced_accuracy", "top2", "top3",

@@ -15,10 +15,11 @@ Standardization (standardize, default on): outputs = (raw - mean) / std, per ele
 std stored in the file; a test file reuses a training file's statistics and class list with
 --stats-from TRAIN_FEATURES.h5. Regression labels (valence/arousal) get label_mean/label_std.
 
-Settings come from params.yaml `sequence.features` (mode, checkpoint, layer, batch_size, standardize, size);
--S KEY=VALUE overrides one for this run (e.g. -S mode=images -S size=32). The other options are files.
+Settings come from params.yaml `sequence.features` (mode, checkpoint, layer, batch_size, standardize, size)
+and `guides`. Command line: paths, plus -S KEY=VALUE with the full params.yaml key for this run only, as
+`dvc exp run -S` takes it (python stages/features.py -S sequence.features.mode=images -S sequence.features.size=32).
 """
-from ferpipe.params import add_override_option, overridden, params_section
+from ferpipe.params import add_set_option, lookup, stage_params
 from ferpipe.sequences.features import DEFAULTS, run_features
 from ferpipe.stagecli import run_stage, stage_parser
 
@@ -31,7 +32,7 @@ def parser():
     p.add_argument("--out", default="data/sequences/features.h5", help="features HDF5")
     p.add_argument("--metrics", default="metrics/features.json", help="counts and images/s (JSON, '' for none)")
     p.add_argument("--params", default="params.yaml", help="params file")
-    add_override_option(p, "sequence.features param", "layer=fc1")
+    add_set_option(p, "sequence.features.layer=fc1")
     p.add_argument("--backbone", help="registry backbone instead of a checkpoint (e.g. resnet18), with --weights")
     p.add_argument("--weights", help="weights file for --backbone")
     p.add_argument("--guide", help="guide maps HDF5 for guided models (default: made from --landmarks)")
@@ -43,20 +44,21 @@ def parser():
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    section = overridden(p, params_section(a.params, "sequence.features"), a.set)
+    params = stage_params(p, a.params, a.set, reads=("sequence.features.*", "guides.*"))
+    section = lookup(params, "sequence.features") or {}
     unknown = sorted(set(section) - set(DEFAULTS))
     if unknown:
         p.error(f"unknown sequence.features params {unknown}; known: {sorted(DEFAULTS)}")
     prm = {**DEFAULTS, **section}
     if prm["mode"] == "cnn" and not (prm["checkpoint"] or a.backbone):
-        p.error("mode cnn needs a checkpoint (-S checkpoint=FILE) or --backbone with --weights")
+        p.error("mode cnn needs a checkpoint (-S sequence.features.checkpoint=FILE) or --backbone with --weights")
     result = run_features(a.images, a.manifest, a.out, mode=prm["mode"],
                           checkpoint=None if a.backbone else prm["checkpoint"] or None,
                           backbone=a.backbone or None, weights=a.weights or None, layer=prm["layer"],
                           batch_size=int(prm["batch_size"]), guide_h5=a.guide or None,
                           standardize=bool(prm["standardize"]), stats_from=a.stats_from or None,
                           size=int(prm["size"]), metrics_path=a.metrics or None,
-                          landmarks_h5=a.landmarks or None, guide_params=params_section(a.params, "guides"))
+                          landmarks_h5=a.landmarks or None, guide_params=lookup(params, "guides"))
     print(result)
 
 

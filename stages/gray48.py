@@ -1,9 +1,11 @@
 """Stage gray48: resize the normalized images to size x size grayscale (params: gray48.size).
 
 Reads the ingest artifact, writes one packed HDF5 (images uint8 [N,size,size], ids) and a contact sheet.
+Command line: paths, plus -S KEY=VALUE with the full params.yaml key for this run only, as `dvc exp run -S`
+takes it (python stages/gray48.py -S gray48.size=64).
 """
 from ferpipe.data.gray import run_gray
-from ferpipe.params import load_params
+from ferpipe.params import add_set_option, required, stage_params, whole_number
 from ferpipe.stagecli import run_stage, stage_parser
 
 
@@ -13,14 +15,16 @@ def parser():
     p.add_argument("--out", default="data/gray48/images.h5", help="packed output")
     p.add_argument("--sheet", default="plots/sheets/gray48.png", help="contact sheet PNG ('' for none)")
     p.add_argument("--params", default="params.yaml", help="params file")
-    p.add_argument("--size", type=int, help="override gray48.size")
+    add_set_option(p, "gray48.size=64")
     return p
 
 
 def main(argv=None):
-    a = parser().parse_args(argv)
-    prm = load_params(a.params, "gray48")
-    print(run_gray(a.images, a.out, a.sheet or None, size=a.size or prm["size"]))
+    p = parser()
+    a = p.parse_args(argv)
+    params = stage_params(p, a.params, a.set, reads=("gray48.size",))
+    size = whole_number(p, "gray48.size", required(params, "gray48.size", a.params), 1)
+    print(run_gray(a.images, a.out, a.sheet or None, size=size))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ Reads the gray48 images and the 68-point landmarks (same ids, same order), write
 (images uint8 [N,S,S] = the guide map or collage, ids, found) and a contact sheet (faces with their
 landmarks, red where found=False, above their guide maps). dvc.yaml has one stage per kind,
 guide_<kind>: `python stages/guide.py <kind>` (each lists only its own guides.<kind> params).
+Command line: the kind and paths, plus -S KEY=VALUE with the full params.yaml key for this run only, as
+`dvc exp run -S` takes it (python stages/guide.py soft -S guides.soft.mode=gaussian).
 """
 import textwrap
 
 from ferpipe.guides.maps import DEFAULT_PARAMS, GUIDE_KINDS, KIND_HELP, run_guide
-from ferpipe.params import add_override_option, load_params, overridden
+from ferpipe.params import add_set_option, lookup, stage_params
 from ferpipe.stagecli import run_stage, stage_parser
 
 
@@ -30,7 +32,7 @@ def parser():
     p.add_argument("--out", help="packed output (default data/guides/<kind>.h5)")
     p.add_argument("--sheet", help="contact sheet PNG (default plots/sheets/guide_<kind>.png; '' for none)")
     p.add_argument("--params", default="params.yaml", help="params file")
-    add_override_option(p, "guides.<kind> param", "mode=gaussian")
+    add_set_option(p, "guides.soft.mode=gaussian")
     return p
 
 
@@ -42,7 +44,8 @@ def main(argv=None):
     kind = a.kind or a.kind_opt
     if not kind:
         p.error(f"give a kind, one of {', '.join(GUIDE_KINDS)}")
-    prm = overridden(p, load_params(a.params, "guides").get(kind), a.set)
+    params = stage_params(p, a.params, a.set, reads=(f"guides.{kind}.*",))
+    prm = lookup(params, f"guides.{kind}") or {}  # none: the kind's defaults
     out = a.out or f"data/guides/{kind}.h5"
     sheet = f"plots/sheets/guide_{kind}.png" if a.sheet is None else (a.sheet or None)
     print(run_guide(kind, a.images, a.landmarks, out, sheet, **prm))

@@ -7,9 +7,11 @@ box and the image is flagged (found=False, method=fallback). Writes landmarks.h5
 [N,68,2] (x, y) as a share of the width/height, not clipped: points past the border fall slightly
 outside [0, 1]; found, method, confidence, box, ids), metrics (share per method) and a contact sheet
 with a row per method, as one output set.
+Command line: paths, plus -S KEY=VALUE with the full params.yaml key for this run only, as `dvc exp run -S`
+takes it (python stages/landmarks.py -S 'landmarks.passes=[dlib, haar]' -S landmarks.workers=1).
 """
 from ferpipe.faces.landmarks import PASSES, run_landmarks
-from ferpipe.params import load_params
+from ferpipe.params import add_set_option, required, stage_params, whole_number
 from ferpipe.stagecli import run_stage, stage_parser
 
 
@@ -20,29 +22,25 @@ def parser():
     p.add_argument("--metrics", default="metrics/landmarks.json")
     p.add_argument("--sheet", default="plots/sheets/landmarks.png", help="contact sheet PNG ('' for none)")
     p.add_argument("--params", default="params.yaml", help="params file")
-    p.add_argument("--size", type=int, help="override landmarks.size")
-    p.add_argument("--passes", nargs="+", choices=PASSES, help="override landmarks.passes")
     p.add_argument("--passes-param", default="landmarks.passes",
                    help="the param holding the passes (the sequence frames': sequence.landmarks_passes)")
-    p.add_argument("--workers", type=int, help="override landmarks.workers (0 = every core)")
+    add_set_option(p, "'landmarks.passes=[dlib, haar]'")
     return p
 
 
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    prm = load_params(a.params, "landmarks")
-    size = prm["size"] if a.size is None else a.size
-    workers = prm["workers"] if a.workers is None else a.workers
-    if not isinstance(size, int) or size < 1:
-        p.error(f"size must be a whole number of pixels >= 1, got {size!r}")
-    if not isinstance(workers, int) or workers < 0:
-        p.error(f"workers must be >= 0 (0 = every core), got {workers!r}")
-    passes = load_params(a.params)
-    for key in a.passes_param.split("."):
-        passes = passes[key]
-    print(run_landmarks(a.images, a.out, a.metrics or None, a.sheet or None, size=size,
-                        passes=a.passes if a.passes is not None else passes, workers=workers, chunk=prm["chunk"]))
+    params = stage_params(p, a.params, a.set, reads=("landmarks.size", "landmarks.workers", "landmarks.chunk",
+                                                     a.passes_param))
+    size = whole_number(p, "landmarks.size", required(params, "landmarks.size", a.params), 1)
+    workers = whole_number(p, "landmarks.workers", required(params, "landmarks.workers", a.params), 0,
+                           " (0 = every core)")
+    passes = required(params, a.passes_param, a.params)
+    if not isinstance(passes, list) or not passes or not set(passes) <= set(PASSES):
+        p.error(f"{a.passes_param} must be a list of passes from {', '.join(PASSES)}, got {passes!r}")
+    print(run_landmarks(a.images, a.out, a.metrics or None, a.sheet or None, size=size, passes=passes, workers=workers,
+                        chunk=required(params, "landmarks.chunk", a.params)))
 
 
 if __name__ == "__main__":

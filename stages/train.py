@@ -11,19 +11,20 @@ fold and the final model in one PNG (plots/train/curves.png).
 Runs on CUDA with mixed precision when present, else CPU (train.threads, 0 = every core).
 Several processes (DDP; gloo on CPU, nccl on GPU), only rank 0 writing:
   torchrun --nproc_per_node 2 stages/train.py
-Transfer learning: -S init_from=path/to/other/final.pt (head replaced if the classes differ).
+Transfer learning: -S train.init_from=path/to/other/final.pt (head replaced if the classes differ).
 Valence/arousal (a split of task valence_arousal): 2 outputs, targets standardized with the training
 rows' mean/std (kept in the checkpoint), train.loss auto|mse or ccc (1 - concordance correlation),
-epochs selected by validation loss (needs -S select=loss); train.json then has val_loss per fold.
+epochs selected by validation loss (needs -S train.select=loss); train.json then has val_loss per fold.
 A fold whose best model is no better than always answering the most common class is at chance: a
 WARNING line, at_chance in its metrics and runs_at_chance in metrics/results.json.
 Snapshots: every train.snapshot_every epochs (5) each fold's state goes to .ferpipe/snapshots/train/; run
 again after a kill or failure with the same params and data, the stage resumes there (finished folds are
 not retrained; the results are an uninterrupted run's). rm -r .ferpipe/snapshots starts fresh.
 Valence/arousal: every train.plot_every epochs (10) a predicted-vs-true scatter per fold in dvclive/train.
-Examples:
-  python stages/train.py -S folds=[0] -S max_epochs=5
-  dvc exp run -S model=soft -S train.folds=[0,1]
+Command line: paths, plus -S KEY=VALUE with the full params.yaml key for this run only, as `dvc exp run -S`
+takes it. Examples:
+  python stages/train.py -S model=soft -S 'train.folds=[0]' -S train.max_epochs=5
+  dvc exp run -S model=soft -S 'train.folds=[0,1]'
 """
 import os
 
@@ -36,9 +37,8 @@ from pathlib import Path
 import yaml
 
 from ferpipe.evaluate.plots import curves_png
-from ferpipe.models import MODEL_NAMES
 from ferpipe.models.checkpoint import read_checkpoint_info
-from ferpipe.params import add_override_option, load_params, overridden
+from ferpipe.params import add_set_option, required, stage_params
 from ferpipe.stagecli import run_stage, stage_parser
 from ferpipe.train.run import DEFAULTS, run_train
 
@@ -55,8 +55,7 @@ def parser():
     p.add_argument("--live", default="dvclive/train", help="dvclive root, one folder per fold ('' for none)")
     p.add_argument("--curves", default="plots/train/curves.png",
                    help="learning curves of every fold and the final model (PNG, '' for none)")
-    p.add_argument("--model", choices=MODEL_NAMES, help="override the top-level model")
-    add_override_option(p, "train param", "folds=[0] -S max_epochs=3")
+    add_set_option(p, "model=soft -S 'train.folds=[0]' -S train.max_epochs=3")
     return p
 
 
@@ -70,10 +69,8 @@ def write_curves(path: str, models_dir: str, model: str) -> None:
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    params = load_params(a.params)
-    params["train"] = overridden(p, params.get("train"), a.set)
-    if a.model:
-        params["model"] = a.model
+    params = stage_params(p, a.params, a.set, reads=("model", "task", "train.*"))
+    required(params, "model", a.params)  # the one param without a default
     metrics = run_train(params, a.split, a.gray48, a.guides, a.models, a.metrics or None, a.live or None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
         if a.curves:

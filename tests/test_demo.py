@@ -155,7 +155,7 @@ def test_stage_cli_reads_params_and_overrides(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("demo:\n  seed: 3\n  train_per_class: 2\n  test_per_class: 1\n  size: 64\n")
     out, met = tmp_path / "data" / "demo", tmp_path / "metrics" / "demo.json"
-    stage.main(["--params", str(params), "--out", str(out), "--metrics", str(met), "--test-per-class", "0"])
+    stage.main(["--params", str(params), "--out", str(out), "--metrics", str(met), "-S", "demo.test_per_class=0"])
     m = json.loads(met.read_text())
     assert m["seed"] == 3 and m["size"] == 64
     assert m["images"]["train"]["total"] == 10 and m["images"]["test"]["total"] == 0
@@ -205,10 +205,13 @@ def test_stage_cli_sequences(tmp_path):
                       "  sequences: {per_class: 2, frames: 3}\n")
     out, met = tmp_path / "seq", tmp_path / "m.json"
     load_stage("demo").main(["--params", str(params), "--sequences", "--out", str(out), "--metrics", str(met),
-                             "--frames", "5"])
+                             "-S", "demo.sequences.frames=5"])
     m = json.loads(met.read_text())
     assert m["sequences"] == 8 and m["frames_per_sequence"] == 5 and m["size"] == 40
     assert len(pngs(out)) == 40 and not (out / "train").exists()
     with pytest.raises(SystemExit):  # a count out of range is a usage error, the old output stays
-        load_stage("demo").main(["--params", str(params), "--sequences", "--out", str(out), "--frames", "1"])
+        load_stage("demo").main(["--params", str(params), "--sequences", "--out", str(out), "-S", "demo.sequences.frames=1"])
+    for wrong in ("demo.test_per_class=1", "demo.frames=3", "demo.sequences.frames=x"):  # the images' key, a typo, not a count
+        with pytest.raises(SystemExit):
+            load_stage("demo").main(["--params", str(params), "--sequences", "--out", str(out), "-S", wrong])
     assert len(pngs(out)) == 40

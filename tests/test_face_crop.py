@@ -27,10 +27,10 @@ def test_photos_become_aligned_face_crops(sequences_dir, tmp_path):
         boxes[name] = (x, y, x + 220, y + 220)
     cv2.imwrite(str(root / "train/surprise/wall.png"), np.full((300, 400), 90, np.uint8))   # no face
     out = tmp_path / "out"
-    load_stage("ingest").main(["--params", str(REPO / "params.yaml"), "--format", "folder", "--path", str(root),
-                               "--face-crop", "--out", str(out / "images.h5"), "--manifest", str(out / "manifest.csv"),
-                               "--rejects", str(out / "rejects.csv"), "--metrics", str(out / "m.json"),
-                               "--sheet", "", "--quiet", "--workers", "1"])
+    load_stage("ingest").main(["--params", str(REPO / "params.yaml"), "-S", "dataset.format=folder", "-S",
+                               f"dataset.path={root}", "-S", "dataset.face_crop=true", "--out", str(out / "images.h5"),
+                               "--manifest", str(out / "manifest.csv"), "--rejects", str(out / "rejects.csv"),
+                               "--metrics", str(out / "m.json"), "--sheet", "", "--quiet", "-S", "ingest.workers=1"])
     images = read_h5(out / "images.h5")["images"]
     manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     rejects = pd.read_csv(out / "rejects.csv")

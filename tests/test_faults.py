@@ -123,8 +123,8 @@ def ingest_outs(root: Path) -> list[Path]:
 
 def ingest_args(ds: Path, root: Path, fmt: str = "folder") -> list:
     o = ingest_outs(root)
-    return ["--format", fmt, "--path", ds, "--out", o[0], "--manifest", o[1], "--rejects", o[2],
-            "--metrics", o[3], "--sheet", o[4], "--workers", "1", "--quiet"]
+    return ["-S", f"dataset.format={fmt}", "-S", f"dataset.path={ds}", "--out", o[0], "--manifest", o[1], "--rejects",
+            o[2], "--metrics", o[3], "--sheet", o[4], "-S", "ingest.workers=1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_ingest_on_a_full_disk_keeps_the_old_set(fer_ab, tmp_path):
         outs = ingest_outs(mnt)
         stage("ingest", *ingest_args(fer_ab / "A", mnt))
         old = snap(outs)
-        res = stage("ingest", *ingest_args(tmp_path / "big", mnt), "--size", "96", check=False)
+        res = stage("ingest", *ingest_args(tmp_path / "big", mnt), "-S", "ingest.size=96", check=False)
         assert res.returncode == 1 and "No space left on device" in res.stderr
         assert snap(outs) == old and strays(outs) == []
     finally:
@@ -244,14 +244,14 @@ def test_ingest_write_failure_inside_hdf5_keeps_the_old_set(fer_ab, tmp_path):
     """A real write failure in C code (h5py), mid-file: RLIMIT_FSIZE makes writes past 64 kB fail."""
     root = tmp_path / "run"
     outs = ingest_outs(root)
-    stage("ingest", *ingest_args(fer_ab / "A", root), "--size", "24")
+    stage("ingest", *ingest_args(fer_ab / "A", root), "-S", "ingest.size=24")
     old = snap(outs)
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
-    res = stage("ingest", *ingest_args(fer_ab / "B", root), "--size", "96", check=False, preexec=limit)
+    res = stage("ingest", *ingest_args(fer_ab / "B", root), "-S", "ingest.size=96", check=False, preexec=limit)
     assert res.returncode != 0 and ("File too large" in res.stderr or "Errno 27" in res.stderr), res.stderr[-800:]
     assert snap(outs) == old and strays(outs) == []
 
@@ -294,32 +294,35 @@ def pipe(tmp_path_factory) -> Path:
     CK+ sequences ingest -> gray48 -> features (images), all on real slices."""
     p = tmp_path_factory.mktemp("pipe")
     fer_slice(p / "fer", 8, offset=40, test_per_class=4)
-    stage("ingest", "--format", "folder", "--path", p / "fer", "--out", p / "ingest/images.h5", "--manifest",
-          p / "ingest/manifest.csv", "--rejects", p / "ingest/rejects.csv", "--metrics", p / "metrics/ingest.json",
-          "--sheet", "", "--workers", "1", "--quiet")
+    stage("ingest", "-S", "dataset.format=folder", "-S", f"dataset.path={p / 'fer'}", "--out", p / "ingest/images.h5",
+          "--manifest", p / "ingest/manifest.csv", "--rejects", p / "ingest/rejects.csv", "--metrics",
+          p / "metrics/ingest.json", "--sheet", "", "-S", "ingest.workers=1", "--quiet")
     stage("gray48", "--images", p / "ingest/images.h5", "--out", p / "gray48/images.h5", "--sheet", "")
     stage("landmarks", "--images", p / "ingest/images.h5", "--out", p / "landmarks/landmarks.h5", "--metrics", "",
-          "--sheet", "", "--passes", "dlib", "dlib_equalized", "--workers", "1")
+          "--sheet", "", "-S", "landmarks.passes=[dlib, dlib_equalized]", "-S", "landmarks.workers=1")
     stage("guide", "soft", "--images", p / "gray48/images.h5", "--landmarks", p / "landmarks/landmarks.h5",
           "--out", p / "guides/soft.h5", "--sheet", "")
     stage("split", "--manifest", p / "ingest/manifest.csv", "--out", p / "split/split.csv", "--summary",
-          p / "metrics/split.json", "--folds", "2")
-    stage("train", *train_args(p, p / "models", p / "metrics/train.json", p / "dvclive/train", "max_epochs=1"))
+          p / "metrics/split.json", "-S", "split.folds=2")
+    stage("train", *train_args(p, p / "models", p / "metrics/train.json", p / "dvclive/train", "train.max_epochs=1"))
     ck_slice(p / "ck", n=10)
-    stage("ingest", "--format", "ck_sequences", "--path", p / "ck", "--out", p / "seq/ingest/images.h5",
-          "--manifest", p / "seq/ingest/manifest.csv", "--rejects", p / "seq/ingest/rejects.csv", "--metrics",
-          p / "metrics/ingest_seq.json", "--sheet", "", "--workers", "1", "--quiet")
+    stage("ingest", "-S", "dataset.format=ck_sequences", "-S", f"dataset.path={p / 'ck'}", "--out",
+          p / "seq/ingest/images.h5", "--manifest", p / "seq/ingest/manifest.csv", "--rejects",
+          p / "seq/ingest/rejects.csv", "--metrics", p / "metrics/ingest_seq.json", "--sheet", "", "-S",
+          "ingest.workers=1", "--quiet")
     stage("gray48", "--images", p / "seq/ingest/images.h5", "--out", p / "seq/gray48/images.h5", "--sheet", "")
-    stage("features", "--params", p / "none.yaml", "-S", "mode=images", "--images", p / "seq/gray48/images.h5",
+    stage("features", "--params", p / "none.yaml", "-S", "sequence.features.mode=images", "--images",
+          p / "seq/gray48/images.h5",
           "--manifest", p / "seq/ingest/manifest.csv", "--out", p / "seq/features.h5", "--metrics", "")
     return p
 
 
 def train_args(p: Path, models: Path, metrics: Path, live: Path, *settings: str) -> list:
     """Baseline on the slice's two folds, 1 thread; `settings` are more -S overrides (the last wins)."""
-    sets = ("folds=[0,1]", "threads=1", "patience=0", "device=cpu", "batch_size=16", *settings)
+    sets = ("model=baseline", "train.folds=[0,1]", "train.threads=1", "train.patience=0", "train.device=cpu",
+            "train.batch_size=16", *settings)
     return ["--split", p / "split/split.csv", "--gray48", p / "gray48/images.h5", "--guides", p / "guides",
-            "--models", models, "--metrics", metrics, "--live", live, "--model", "baseline",
+            "--models", models, "--metrics", metrics, "--live", live, "--curves", "",  # not the repository's
             *[x for s in sets for x in ("-S", s)]]
 
 
@@ -327,13 +330,13 @@ def test_train_failed_or_killed_keeps_the_old_models(pipe, tmp_path):
     """The data-loss bug: train emptied models/ first. Now a failed (init_from missing) or killed run
     leaves models/, train.json and the curves exactly as they were, and evaluate scores that set."""
     outs = [tmp_path / "models", tmp_path / "metrics/train.json", tmp_path / "dvclive/train"]
-    old_args, new_args = train_args(pipe, *outs, "max_epochs=1"), train_args(pipe, *outs, "max_epochs=2")
+    old_args, new_args = train_args(pipe, *outs, "train.max_epochs=1"), train_args(pipe, *outs, "train.max_epochs=2")
     stage("train", *new_args)
     new = snap(outs)
     stage("train", *old_args)
     old = snap(outs)
     assert old != new and sorted(old[str(outs[0])]) == ["fold0.pt", "fold1.pt"]
-    res = stage("train", *new_args, "-S", "init_from=missing.pt", check=False)
+    res = stage("train", *new_args, "-S", "train.init_from=missing.pt", check=False)
     assert res.returncode != 0 and "missing.pt" in res.stderr
     assert snap(outs) == old and strays(outs) == []
     for fault in ("enter:kill", "staged@1:kill"):  # killed mid-training / after fold 0 was written
@@ -349,7 +352,7 @@ def test_train_failed_or_killed_keeps_the_old_models(pipe, tmp_path):
     settle_all(outs)
     assert snap(outs) == new and strays(outs) == []  # byte for byte the clean run's set
     # a run with fewer folds replaces the folder whole: no fold1.pt of the earlier run survives
-    stage("train", *train_args(pipe, *outs, "max_epochs=1", "folds=[0]"))
+    stage("train", *train_args(pipe, *outs, "train.max_epochs=1", "train.folds=[0]"))
     assert sorted(p.name for p in outs[0].iterdir()) == ["fold0.pt"]
 
 
@@ -371,33 +374,37 @@ def _cases(p: Path, t: Path) -> dict:
     return {
         "gray48": ([t / "gray48/images.h5", t / "plots/gray48.png"],
                    ["--images", p / "ingest/images.h5", "--out", t / "gray48/images.h5", "--sheet", t / "plots/gray48.png"],
-                   ["--size", "40"], ["--size", "48"]),
+                   ["-S", "gray48.size=40"], ["-S", "gray48.size=48"]),
         "landmarks": ([t / "lm/landmarks.h5", t / "metrics/landmarks.json", t / "plots/landmarks.png"],
                       ["--images", p / "ingest/images.h5", "--out", t / "lm/landmarks.h5", "--metrics",
-                       t / "metrics/landmarks.json", "--sheet", t / "plots/landmarks.png", "--passes", "dlib",
-                       "dlib_equalized", "--workers", "1"], ["--size", "80"], ["--size", "96"]),
+                       t / "metrics/landmarks.json", "--sheet", t / "plots/landmarks.png", "-S",
+                       "landmarks.passes=[dlib, dlib_equalized]", "-S", "landmarks.workers=1"],
+                      ["-S", "landmarks.size=80"], ["-S", "landmarks.size=96"]),
         "guide": ([t / "guides/soft.h5", t / "plots/soft.png"],
                   ["soft", "--images", p / "gray48/images.h5", "--landmarks", p / "landmarks/landmarks.h5",
-                   "--out", t / "guides/soft.h5", "--sheet", t / "plots/soft.png"], ["-S", "threshold=60"], []),
+                   "--out", t / "guides/soft.h5", "--sheet", t / "plots/soft.png"], ["-S", "guides.soft.threshold=60"], []),
         "split": ([t / "split/split.csv", t / "metrics/split.json"],
                   ["--manifest", p / "ingest/manifest.csv", "--out", t / "split/split.csv", "--summary",
-                   t / "metrics/split.json"], ["--folds", "3"], ["--folds", "2"]),
+                   t / "metrics/split.json"], ["-S", "split.folds=3"], ["-S", "split.folds=2"]),
         "evaluate": (ev, ["--models", p / "models", "--split", p / "split/split.csv", "--gray48", p / "gray48/images.h5",
                           "--guides", p / "guides", "--metrics", ev[0], "--predictions", ev[1], "--confusion", ev[2],
                           "--errors", ev[3], "--results", ev[4], "--train-metrics", p / "metrics/train.json",
-                          "-S", "device=cpu", "-S", "threads=1"], ["-S", "tta=1"], ["-S", "tta=0"]),
+                          "-S", "evaluate.device=cpu", "-S", "evaluate.threads=1"], ["-S", "evaluate.tta=1"],
+                     ["-S", "evaluate.tta=0"]),
         "features": ([t / "seq/features.h5", t / "metrics/features.json"],
-                     ["--params", p / "none.yaml", "-S", "mode=images", "--images", p / "seq/gray48/images.h5",
+                     ["--params", p / "none.yaml", "-S", "sequence.features.mode=images", "--images",
+                      p / "seq/gray48/images.h5",
                       "--manifest", p / "seq/ingest/manifest.csv", "--out", t / "seq/features.h5", "--metrics",
-                      t / "metrics/features.json"], ["-S", "size=24"], ["-S", "size=32"]),
+                      t / "metrics/features.json"], ["-S", "sequence.features.size=24"],
+                     ["-S", "sequence.features.size=32"]),
         "train_sequence": (ts, ["--params", p / "none.yaml", "--features", p / "seq/features.h5", "--model-out", ts[0],
                                 "--metrics", ts[1], "--plots", ts[2].parent, "--predictions", ts[3], "--live", ts[4], "--results", ts[5],
-                                "-S", "model=lstm", "-S", "lstm.hidden=8", "-S", "folds=3", "-S", "train.threads=1",
-                                "-S", "train.patience=3"],
-                           ["-S", "train.epochs=2"], ["-S", "train.epochs=3"]),
+                                "-S", "sequence.model=lstm", "-S", "sequence.lstm.hidden=8", "-S", "sequence.folds=3",
+                                "-S", "sequence.train.threads=1", "-S", "sequence.train.patience=3"],
+                           ["-S", "sequence.train.epochs=2"], ["-S", "sequence.train.epochs=3"]),
         "demo": ([t / "demo", t / "metrics/demo.json"],
-                 ["--out", t / "demo", "--metrics", t / "metrics/demo.json", "--train-per-class", "1",
-                  "--test-per-class", "1", "--size", "48"], ["--seed", "1"], ["--seed", "2"]),
+                 ["--out", t / "demo", "--metrics", t / "metrics/demo.json", "-S", "demo.train_per_class=1",
+                  "-S", "demo.test_per_class=1", "-S", "demo.size=48"], ["-S", "demo.seed=1"], ["-S", "demo.seed=2"]),
     }
 
 
@@ -453,7 +460,8 @@ def test_landmarks_workers_die_with_a_killed_stage(pipe, tmp_path):
     imgs = read_h5(pipe / "ingest/images.h5")
     write_h5(big, {"images": np.concatenate([imgs["images"]] * 30), "ids": np.arange(30 * len(imgs["ids"])).astype(str)})
     proc = stage("landmarks", "--images", big, "--out", tmp_path / "lm.h5", "--metrics", "", "--sheet", "",
-                 "--passes", "dlib", "dlib_equalized", "dlib_padded", "--workers", "2", "--size", "160", wait=False)
+                 "-S", "landmarks.passes=[dlib, dlib_equalized, dlib_padded]", "-S", "landmarks.workers=2", "-S",
+                 "landmarks.size=160", wait=False)
     deadline = time.time() + 300
     while len(_children(proc.pid)) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
@@ -546,14 +554,14 @@ def test_structural_error_is_one_line_and_bad_sizes_are_usage_errors(tmp_path):
         f"ingest: error: {tmp_path / 'absent'}: folder not found (--debug for the traceback)"]
     ds = fer_slice(tmp_path / "ds", 2)
     for size in ("0", "-5"):
-        res = stage("ingest", *ingest_args(ds, tmp_path / "out"), "--size", size, check=False)
-        assert res.returncode == 2 and f"size must be a whole number of pixels >= 1, got {size}" in res.stderr
+        res = stage("ingest", *ingest_args(ds, tmp_path / "out"), "-S", f"ingest.size={size}", check=False)
+        assert res.returncode == 2 and f"ingest.size must be a whole number >= 1, got {size}" in res.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_listfile_sort_is_natural_by_frame_number(tmp_path):
     names = ["s/frame1.png", "s/frame2.png", "s/frame10.png", "s/frame11.png"]
-    # written scrambled: --sort orders them 1, 2, 10, 11 (not 1, 10, 11, 2)
+    # written scrambled: sort=true orders them 1, 2, 10, 11 (not 1, 10, 11, 2)
     lst = _listfile(tmp_path, [f"{n} 3 0" for n in (names[3], names[0], names[2], names[1])], names)
     man, rej = read_dataset("listfile", lst, sort=True)
     assert man["id"].tolist() == names and man["frame_index"].tolist() == [0, 1, 2, 3] and rej.empty
@@ -588,7 +596,7 @@ def test_min_length_is_checked_after_decoding(tmp_path):
     n = len(frames)
     frames[1].write_bytes(frames[1].read_bytes()[:60])  # truncated: does not decode
     out = tmp_path / "out"
-    stage("ingest", *ingest_args(ck, out, "ck_sequences"), "-O", f"min_length={n}")
+    stage("ingest", *ingest_args(ck, out, "ck_sequences"), "-S", f"dataset.min_length={n}")
     man = pd.read_csv(out / "data/manifest.csv", dtype={"sequence_id": str})
     rej = pd.read_csv(out / "data/rejects.csv")
     assert seq.name not in set(man["sequence_id"])

@@ -292,14 +292,17 @@ def test_stage_cli(tmp_path, capsys):
               "--params", str(tmp_path / "params.yaml")]
     stage.main(["soft", "--out", str(tmp_path / "a.h5"), "--sheet", ""] + common)
     assert set(np.unique(read_h5(tmp_path / "a.h5")["images"])) == {100, 255}
-    stage.main(["--kind", "soft", "-S", "mode=gaussian", "-S", "low=0",
+    stage.main(["--kind", "soft", "-S", "guides.soft.mode=gaussian", "-S", "guides.soft.low=0",
                 "--out", str(tmp_path / "b.h5"), "--sheet", str(tmp_path / "b.png")] + common)
     assert read_attrs(tmp_path / "b.h5")["mode"] == "gaussian" and (tmp_path / "b.png").exists()
     assert read_h5(tmp_path / "b.h5")["images"].min() == 0
     with pytest.raises(SystemExit):
         stage.main(common)                                 # no kind given
     with pytest.raises(ValueError, match="radius"):
-        stage.main(["soft", "-S", "radius=2", "--out", str(tmp_path / "c.h5"), "--sheet", ""] + common)
+        stage.main(["soft", "-S", "guides.soft.radius=2", "--out", str(tmp_path / "c.h5"), "--sheet", ""] + common)
+    with pytest.raises(SystemExit):                        # the key of another kind: not read by guide_soft
+        stage.main(["soft", "-S", "guides.dilation.kernel=2", "--out", str(tmp_path / "c.h5"), "--sheet", ""] + common)
+    assert not (tmp_path / "c.h5").exists()
     with pytest.raises(SystemExit) as e:
         stage.main(["--help"])
     assert e.value.code == 0

@@ -554,7 +554,7 @@ def test_stage_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         stage.main(["--help"])
     text = capsys.readouterr().out
-    assert "fer2013_csv" in text and "--ignore-missing" in text and "contact sheet" in text
+    assert "fer2013_csv" in text and "ignore_missing" in text and "contact sheet" in text
     save(tmp_path / "ds" / "train" / "fear" / "a.png", pattern(96, 96))
     params = tmp_path / "params.yaml"
     params.write_text(f"dataset:\n  format: folder\n  path: {tmp_path / 'ds'}\n  root: ''\n  split: val\n"
@@ -565,13 +565,20 @@ def test_stage_cli(tmp_path, capsys):
     assert read_h5(o / "i.h5")["images"].shape == (1, 24, 24)  # size from params; split key ignored
     assert sorted(p.name for p in o.iterdir()) == ["i.h5", "m.csv", "m.json", "r.csv"]  # --sheet '' 
     with pytest.raises(SystemExit):
-        stage.main(["--params", str(params), "--sort"])  # folder format takes no --sort
+        stage.main(["--params", str(params), "-S", "dataset.sort=true"])  # folder format takes no sort
     with pytest.raises(SystemExit):
-        stage.main(["--params", str(params), "-O", "min_length=2"])  # nor -O min_length
+        stage.main(["--params", str(params), "-S", "dataset.min_length=2"])  # nor min_length
+    with pytest.raises(SystemExit):
+        stage.main(["--params", str(params), "-S", "ingest.sise=32"])  # a misspelt ingest param
+    stage.main(["--params", str(params), "-S", "ingest.size=16", "--out", str(o / "i.h5"),
+                "--manifest", str(o / "m.csv"), "--rejects", str(o / "r.csv"), "--metrics", str(o / "m.json"),
+                "--sheet", "", "--quiet"])
+    assert read_h5(o / "i.h5")["images"].shape == (1, 16, 16)  # -S over params.yaml, from the root
+    assert params.read_text().count("size: 24") == 1           # for this run only
 
 
 def test_stage_reads_a_dotted_section_and_reader_options(tmp_path, sequences_dir):
-    """The sequence stages' ingest: params section sequence.dataset, its reader options, -O on the CLI."""
+    """The sequence stages' ingest: params section sequence.dataset, its reader options, -S on the CLI."""
     import pandas as pd
     labels = pd.read_csv(sequences_dir / "labels.csv").iloc[:6]
     ck = tmp_path / "ck"
@@ -594,11 +601,13 @@ def test_stage_reads_a_dotted_section_and_reader_options(tmp_path, sequences_dir
     assert len(rej) == 1 and "too short: 3 frame(s) < min_length 4" in rej["reason"][0]   # from params
     man = pd.read_csv(o / "m.csv")
     assert man["sequence_id"].nunique() == 5 and read_h5(o / "i.h5")["images"].shape[1:] == (32, 32)
-    stage.main(args + ["-O", "min_length=1"])                                               # the CLI wins
+    stage.main(args + ["-S", "sequence.dataset.min_length=1"])                             # the CLI wins
     assert pd.read_csv(o / "m.csv")["sequence_id"].nunique() == 6 and len(pd.read_csv(o / "r.csv")) == 0
     with pytest.raises(SystemExit):
-        stage.main(args + ["-O", "every=2"])          # ck_sequences takes no `every`
+        stage.main(args + ["-S", "sequence.dataset.every=2"])  # ck_sequences takes no `every` (in params: ignored)
     with pytest.raises(SystemExit):
+        stage.main(args + ["-S", "dataset.min_length=1"])      # the section this run does not read
+    with pytest.raises(KeyError, match="no param sequence.nothing.format"):
         stage.main(args + ["--section", "sequence.nothing"])
 
 

@@ -146,37 +146,37 @@ def fer_run(fer_dir, tmp_path_factory):
                 shutil.copy(f, dst / f.name)
     d = root / "data"
     params = str(REPO / "params.yaml")
-    load_stage("ingest").main(["--params", params, "--format", "folder", "--path", str(root / "fer"),
+    load_stage("ingest").main(["--params", params, "-S", "dataset.format=folder", "-S", f"dataset.path={root / 'fer'}",
                                "--out", f"{d}/ingest/images.h5", "--manifest", f"{d}/ingest/manifest.csv",
                                "--rejects", f"{d}/ingest/rejects.csv", "--metrics", f"{d}/ingest.json",
-                               "--sheet", "", "--quiet", "--workers", "1"])
+                               "--sheet", "", "--quiet", "-S", "ingest.workers=1"])
     load_stage("gray48").main(["--params", params, "--images", f"{d}/ingest/images.h5",
                                "--out", f"{d}/gray48/images.h5", "--sheet", ""])
     load_stage("landmarks").main(["--params", params, "--images", f"{d}/ingest/images.h5",
                                   "--out", f"{d}/landmarks/landmarks.h5", "--metrics", f"{d}/lm.json",
-                                  "--sheet", "", "--workers", "1"])
+                                  "--sheet", "", "-S", "landmarks.workers=1"])
     load_stage("guide").main(["soft", "--params", params, "--images", f"{d}/gray48/images.h5",
                               "--landmarks", f"{d}/landmarks/landmarks.h5", "--out", f"{d}/guides/soft.h5",
                               "--sheet", ""])
     load_stage("split").main(["--params", params, "--manifest", f"{d}/ingest/manifest.csv",
-                              "--out", f"{d}/split/split.csv", "--summary", f"{d}/split.json", "--task", "classes",
-                              "--folds", "2"])
+                              "--out", f"{d}/split/split.csv", "--summary", f"{d}/split.json", "-S", "task=classes",
+                              "-S", "split.folds=2"])
     runs = {}
     for model in ("vgg", "soft"):
         out = root / model
-        extra = ["-S", "model_kwargs={width: 4}"] if model == "vgg" else []
-        load_stage("train").main(["--params", params, "--model", model, "--split", f"{d}/split/split.csv",
+        extra = ["-S", "train.model_kwargs={width: 4}"] if model == "vgg" else []
+        load_stage("train").main(["--params", params, "-S", f"model={model}", "--split", f"{d}/split/split.csv",
                                   "--gray48", f"{d}/gray48/images.h5", "--guides", f"{d}/guides",
                                   "--models", str(out / "models"), "--metrics", "", "--live", "", "--curves", "",
-                                  "-S", "folds=[0]", "-S", "max_epochs=1", "-S", "threads=1", "-S", "log_every=0",
-                                  "-S", "progress=false", *extra])
+                                  "-S", "train.folds=[0]", "-S", "train.max_epochs=1", "-S", "train.threads=1",
+                                  "-S", "train.log_every=0", "-S", "train.progress=false", *extra])
         for tta in (0, 2, "tencrop"):
-            setting = ["-S", "tta_mode=tencrop"] if tta == "tencrop" else ["-S", f"tta={tta}"]
+            setting = ["-S", "evaluate.tta_mode=tencrop"] if tta == "tencrop" else ["-S", f"evaluate.tta={tta}"]
             load_stage("evaluate").main(["--params", params, "--models", str(out / "models"),
                                          "--split", f"{d}/split/split.csv", "--gray48", f"{d}/gray48/images.h5",
                                          "--guides", f"{d}/guides", "--metrics", "",
                                          "--predictions", str(out / f"pred{tta}.csv"), "--confusion", "",
-                                         "--errors", "", "--results", "", *setting, "-S", "threads=1"])
+                                         "--errors", "", "--results", "", *setting, "-S", "evaluate.threads=1"])
         runs[model] = out
     split = pd.read_csv(f"{d}/split/split.csv", keep_default_na=False)
     manifest = pd.read_csv(f"{d}/ingest/manifest.csv", keep_default_na=False)

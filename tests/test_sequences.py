@@ -184,10 +184,10 @@ def test_video_reader_and_ingest(tmp_path):
 
 @pytest.fixture(scope="module")
 def ck_frames(sequences_dir, tmp_path_factory):
-    """The real CK+ frames ingested by the real stage scripts (ingest --format ck_sequences, gray48)."""
+    """The real CK+ frames ingested by the real stage scripts (ingest -S dataset.format=ck_sequences, gray48)."""
     out = tmp_path_factory.mktemp("ck")
-    load_stage("ingest").main(["--params", str(REPO / "params.yaml"), "--format", "ck_sequences", "--path",
-                               str(sequences_dir), "--workers", "1", "--out", str(out / "ingest/images.h5"),
+    load_stage("ingest").main(["--params", str(REPO / "params.yaml"), "-S", "dataset.format=ck_sequences", "-S",
+                               f"dataset.path={sequences_dir}", "-S", "ingest.workers=1", "--out", str(out / "ingest/images.h5"),
                                "--manifest", str(out / "ingest/manifest.csv"), "--rejects",
                                str(out / "ingest/rejects.csv"), "--metrics", str(out / "ingest.json"),
                                "--sheet", "", "--quiet"])
@@ -415,7 +415,7 @@ def test_list_file_with_several_labels_per_frame_regresses_them_jointly(ck_frame
 
 def test_train_and_val_list_files_instead_of_folds(ck_frames, tmp_path):
     """LSTM-on-CNN's workflow: a train list, a validation list and a test list (real CK+ frames, split by
-    subject) -> one ingest (a listfile folder) -> features -> train_sequence -S folds=0: trained on train,
+    subject) -> one ingest (a listfile folder) -> features -> train_sequence -S sequence.folds=0: trained on train,
     selected on val, scored on test only; the saved model is that one."""
     man = pd.read_csv(ck_frames / "ingest/manifest.csv", keep_default_na=False)
     subjects = sorted(man["subject"].unique())
@@ -441,8 +441,9 @@ def test_train_and_val_list_files_instead_of_folds(ck_frames, tmp_path):
     load_stage("train_sequence").main(["--params", str(tmp_path / "none.yaml"), "--features", str(tmp_path / "f.h5"),
                                        "--model-out", str(w / "m.pt"), "--metrics", str(w / "m.json"), "--plots", "",
                                        "--predictions", str(w / "p.csv"), "--live", "", "--results", "",
-                                       "-S", "folds=0", "-S", "train.epochs=2", "-S", "model=frame",
-                                       "-S", "frame.hidden=8", "-S", "encoder=none"])
+                                       "-S", "sequence.folds=0", "-S", "sequence.train.epochs=2", "-S",
+                                       "sequence.model=frame", "-S", "sequence.frame.hidden=8", "-S",
+                                       "sequence.encoder=none"])
     m = json.loads((w / "m.json").read_text())
     pred = pd.read_csv(w / "p.csv", dtype={"id": str})
     n_test = sum(1 for seq in man.groupby("sequence_id") if part[seq[1]["subject"].iloc[0]] == "test")
@@ -758,14 +759,14 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
                                "--sheet", "", "--params", str(REPO / "params.yaml")])
     load_stage("features").main(["--params", str(w / "absent.yaml"), "--images", str(w / "gray48.h5"),
                                  "--manifest", str(ck_frames / "ingest/manifest.csv"), "--out", str(w / "f.h5"),
-                                 "--metrics", str(w / "features.json"), "-S", f"checkpoint={w / 'cnn.pt'}",
-                                 "-S", "layer=fc1"])
+                                 "--metrics", str(w / "features.json"), "-S", f"sequence.features.checkpoint={w / 'cnn.pt'}",
+                                 "-S", "sequence.features.layer=fc1"])
     # params.yaml `sequence:` section is read when present; the command line overrides it
     (w / "params.yaml").write_text("sequence:\n  model: lstm\n  folds: 3\n  lstm: {hidden: 32}\n"
                                    "  train: {epochs: 4, patience: 5, seed: 3, lr: 0.003}\n")
     args = ["--params", str(w / "params.yaml"), "--features", str(w / "f.h5"), "--model-out", str(w / "seq.pt"),
             "--metrics", str(w / "seq.json"), "--plots", str(w / "plots"), "--predictions", str(w / "pred.csv"),
-            "--live", str(w / "live"), "-S", "train.epochs=15", "--results", str(w / "results.json")]
+            "--live", str(w / "live"), "-S", "sequence.train.epochs=15", "--results", str(w / "results.json")]
     capsys.readouterr()
     load_stage("train_sequence").main(args)
     m = json.loads((w / "seq.json").read_text())
@@ -812,13 +813,13 @@ def test_stage_scripts_end_to_end_on_real_ck(ck_frames, sequences_dir, tmp_path,
     assert t["outputs"].shape == (262, 7) and t["steps"].shape == (262, 4, 7) and t["seq_number"].dtype == np.int32
     assert np.allclose(t["outputs"].sum(1), 1, atol=1e-5) and t["label"].shape == (262, 1)
     # clips of 3 frames per real CK+ sequence (the Emotion SDK's clip sampling), random in training
-    load_stage("train_sequence").main(args + ["-S", "clip_frames=3", "-S", "clip_sampling=random",
-                                              "-S", "train.epochs=2", "-S", "train.final=false"])
+    load_stage("train_sequence").main(args + ["-S", "sequence.clip_frames=3", "-S", "sequence.clip_sampling=random",
+                                              "-S", "sequence.train.epochs=2", "-S", "sequence.train.final=false"])
     clipped = json.loads((w / "seq.json").read_text())
     assert set(clipped["by_first_k"]) == {"k1", "k2", "k3"} and clipped["sequences"] == 262
     # a short window longer than every sequence is a clear error
     with pytest.raises(ValueError, match="no test sample|empty training"):
-        load_stage("train_sequence").main(args + ["-S", "rho=5", "-S", "train.final=false"])
+        load_stage("train_sequence").main(args + ["-S", "sequence.rho=5", "-S", "sequence.train.final=false"])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The stage scripts on the command line: --help agrees with params.yaml and dvc.yaml, user errors are one
 line on stderr with a non-zero exit (--debug: the traceback), one shared helper (ferpipe.stagecli)."""
+import argparse
 import dataclasses
 import shlex
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO, load_stage
+from ferpipe.params import lookup
 
 STAGES = sorted(p.stem for p in (REPO / "stages").glob("*.py"))
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -54,20 +56,46 @@ def test_stage_paths_in_dvc_yaml_agree_with_the_scripts_defaults(stage_name):
         assert ok, f"{stage_name}: --{opt} {value} is not in dvc.yaml's deps/outs/metrics/plots {sorted(declared)}"
 
 
-def test_override_options_name_real_params():
-    """An option whose help says 'override <key>' names a key of params.yaml."""
-    import re
-    seen = 0
-    for name in STAGES:
-        for action in load_stage(name).parser()._actions:
-            found = re.findall(r"override (?:the top-level ([a-z_]+)|([a-z0-9_]+(?:\.[a-z0-9_]+)+))", action.help or "")
-            for key in ("".join(m) for m in found):
-                node = PARAMS
-                for part in key.split("."):
-                    assert isinstance(node, dict) and part in node, f"{name} {action.option_strings}: {key}"
-                    node = node[part]
-                seen += 1
-    assert seen >= 15
+# Options that are neither paths nor the shared ones: they choose which section or mode a dvc.yaml stage uses.
+MODE_OPTIONS = {"ingest": {"--section"}, "landmarks": {"--passes-param"}, "demo": {"--sequences"},
+                "guide": {"kind", "--kind"}, "train_sequence": {"--test-only"}, "features": {"--backbone"},
+                "ensemble": {"--weights"}}  # ensemble: a command over predictions CSVs, it reads no params
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_stages_take_paths_and_S_only(name):
+    """Params reach a stage only through params.yaml and -S KEY=VALUE: no option is typed (int, float,
+    choices) or a switch, except the shared ones and the few that choose a section or mode."""
+    p = load_stage(name).parser()
+    shared = {"-h", "--debug", "--quiet", "-S"}
+    for action in p._actions:
+        names = set(action.option_strings) or {action.dest}
+        if names & shared or names & MODE_OPTIONS.get(name, set()):
+            continue
+        assert action.type is None and action.choices is None and action.nargs in (None, "+") \
+            and isinstance(action, argparse._StoreAction), f"{name} {sorted(names)}: a param flag, not a path"
+    if name != "ensemble":
+        set_help = next(a.help for a in p._actions if "-S" in a.option_strings)
+        for item in set_help.rsplit("e.g. -S ", 1)[1].split(" -S "):   # the examples: full keys of real params
+            assert lookup(PARAMS, item.strip("'").partition("=")[0]) is not None, f"{name}: example {item}"
+        assert "-S KEY=VALUE with the full params.yaml key" in _help(name), name  # the rule, in the docstring
+
+
+REMOVED = [("ingest", "--format", "folder"), ("ingest", "--path", "x"), ("ingest", "--root", "x"),
+           ("ingest", "--split", "val"), ("ingest", "--sort"), ("ingest", "--ignore-missing"),
+           ("ingest", "--size", "96"), ("ingest", "--workers", "1"), ("ingest", "--face-crop"),
+           ("ingest", "--face-margin", "1.2"), ("ingest", "-O", "min_length=3"), ("gray48", "--size", "64"),
+           ("landmarks", "--size", "96"), ("landmarks", "--passes", "dlib"), ("landmarks", "--workers", "1"),
+           ("split", "--task", "classes"), ("split", "--folds", "3"), ("demo", "--seed", "1"),
+           ("demo", "--train-per-class", "1"), ("demo", "--test-per-class", "1"), ("demo", "--size", "48"),
+           ("demo", "--per-class", "1"), ("demo", "--frames", "3"), ("train", "--model", "soft")]
+
+
+@pytest.mark.parametrize("name,args", [(r[0], r[1:]) for r in REMOVED], ids=[" ".join(r[:2]) for r in REMOVED])
+def test_removed_param_flags_are_rejected(name, args, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_stage(name).parser().parse_args(list(args))
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_library_defaults_shown_in_help_agree_with_params_yaml():
@@ -86,7 +114,7 @@ def test_library_defaults_shown_in_help_agree_with_params_yaml():
     differ = [f.name for f in dataclasses.fields(default) if getattr(default, f.name) != getattr(from_params, f.name)]
     assert differ == []  # one set of defaults: a SequenceConfig() in a notebook trains what dvc repro trains
     help_text = " ".join(load_stage("train_sequence").parser().format_help().split())
-    assert "-S KEY=VALUE" in help_text and "train.epochs=15" in help_text and "--folds" not in help_text
+    assert "-S KEY=VALUE" in help_text and "sequence.train.epochs=15" in help_text and "--folds" not in help_text
 
 
 def _help(name: str) -> str:
@@ -94,7 +122,7 @@ def _help(name: str) -> str:
 
 
 def test_help_texts_fixed_in_issue_9():
-    assert "-S KEY=VALUE" in _help("features") and "--layer" not in _help("features")  # params by -S only
+    assert "sequence.features.layer=fc1" in _help("features") and "--layer" not in _help("features")  # params by -S only
     assert "foreach" not in _help("guide")                                              # one stage per kind
     ingest = load_stage("ingest").parser().format_help()
     formats = ingest[ingest.index("Formats"):ingest.index("Relative image paths")]   # one list of formats
@@ -119,18 +147,76 @@ def test_user_errors_are_one_line(tmp_path):
     res = _run("stages/ingest.py", "--params", str(params), "--out", str(tmp_path / "i.h5"), "--quiet")
     _one_line_error(res, "ingest", "nowhere")                                     # a missing folder
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    res = _run("stages/ingest.py", "--params", str(params), "--path", str(tmp_path / "empty"), "--quiet",
+    res = _run("stages/ingest.py", "--params", str(params), "-S", f"dataset.path={tmp_path / 'empty'}", "--quiet",
                "--out", str(tmp_path / "i.h5"))
     _one_line_error(res, "ingest")                                                # a DatasetError
     res = _run("stages/gray48.py", "--images", str(tmp_path / "absent.h5"), "--out", str(tmp_path / "g.h5"))
     _one_line_error(res, "gray48", "absent.h5")                                   # a missing input file
-    res = _run("stages/train.py", "-S", "max_epoch=3", "--split", str(tmp_path / "absent.csv"))
+    res = _run("stages/train.py", "-S", "train.max_epoch=3", "--split", str(tmp_path / "absent.csv"))
     _one_line_error(res, "train", "max_epoch")                                    # a misspelt param
     res = _run("stages/evaluate.py", "--models", str(tmp_path / "nomodels"), "--split", str(tmp_path / "absent.csv"))
     _one_line_error(res, "evaluate")
-    res = _run("stages/train.py", "-S", "max_epoch=3", "--debug")                 # --debug: the traceback
+    res = _run("stages/train.py", "-S", "train.max_epoch=3", "--debug")           # --debug: the traceback
     assert res.returncode == 1 and "Traceback" in res.stderr and "max_epoch" in res.stderr
     res = _run("stages/split.py", "--params", str(tmp_path / "absent.yaml"))
-    _one_line_error(res, "split", "absent.yaml")
-    res = _run("stages/gray48.py", "--size", "x")                                 # argparse: usage + 1 line, exit 2
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+    _one_line_error(res, "split", "absent.yaml", "no param task")
+    res = _run("stages/gray48.py", "-S", "gray48.size=x")                         # parser.error: usage + 1 line, exit 2
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "gray48.size must be a whole number" in res.stderr
+
+
+def _usage_error(res) -> str:
+    """argparse's parser.error: exit 2, the usage, then exactly one error line, which is returned."""
+    assert res.returncode == 2 and "Traceback" not in res.stderr, (res.returncode, res.stderr)
+    errors = [ln for ln in res.stderr.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and res.stderr.strip().splitlines()[-1] == errors[0], res.stderr
+    return errors[0]
+
+
+def test_S_takes_full_keys_and_rejects_keys_of_other_stages(tmp_path):
+    """-S KEY=VALUE is the full dotted params.yaml key, as `dvc exp run -S` takes it; a key the stage does not
+    read (a typo, a key meant for another stage, or the old section-relative form) is a usage error."""
+    line = _usage_error(_run("stages/gray48.py", "-S", "train.epochs=3"))
+    assert line == "gray48.py: error: -S train.epochs: this stage reads gray48.size"
+    assert _usage_error(_run("stages/gray48.py", "-S", "gray48.sise=64")).endswith("this stage reads gray48.size")  # a typo
+    assert _usage_error(_run("stages/train.py", "-S", "max_epochs=3")).endswith(   # the old relative form
+        "-S max_epochs: this stage reads model, task, train.*")
+    assert "this stage reads guides.soft.*" in _usage_error(_run("stages/guide.py", "soft", "-S", "guides.dilation.kernel=3"))
+    assert "but not sequence.dataset.*, sequence.features.*" in _usage_error(
+        _run("stages/train_sequence.py", "-S", "sequence.features.layer=fc1"))
+    assert "this stage reads sequence.dataset.*, ingest.size, ingest.workers, ingest.max_file_mb" in _usage_error(
+        _run("stages/ingest.py", "--section", "sequence.dataset", "-S", "dataset.min_length=3"))
+    assert "reads landmarks.size, landmarks.workers, landmarks.chunk, sequence.landmarks_passes" in _usage_error(
+        _run("stages/landmarks.py", "--passes-param", "sequence.landmarks_passes", "-S", "landmarks.passes=[dlib]"))
+    assert "--test-only reads no params" in _usage_error(_run("stages/train_sequence.py", "--test-only", "-S",
+                                                              "sequence.model=cbm"))
+    assert "landmarks.passes must be a list of passes" in _usage_error(
+        _run("stages/landmarks.py", "-S", "landmarks.passes=[dlib, nope]"))
+    # the value applies to this run only: the params file is read, never written
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    res = _run("stages/split.py", "--params", str(params), "-S", "split.folds=1", "-S", "task=classes")
+    assert "split.folds must be a whole number >= 2, got 1" in _usage_error(res)
+    assert params.read_text() == (REPO / "params.yaml").read_text()
+
+
+def test_S_on_real_fer2013_images(tmp_path, fer_dir):
+    """ingest of a few real FER-2013 faces with the dataset and the size given by -S, no params file at all."""
+    from ferpipe.store import read_h5
+    data = tmp_path / "fer"
+    for split in ("train", "test"):
+        for cls in ("happy", "sad"):
+            (data / split / cls).mkdir(parents=True)
+            for f in sorted((fer_dir / split / cls).iterdir())[:3]:
+                (data / split / cls / f.name).write_bytes(f.read_bytes())
+    o = tmp_path / "out"
+    res = _run("stages/ingest.py", "--params", str(tmp_path / "none.yaml"), "-S", "dataset.format=folder",
+               "-S", f"dataset.path={data}", "-S", "ingest.size=32", "-S", "ingest.workers=1", "--quiet",
+               "--out", str(o / "i.h5"), "--manifest", str(o / "m.csv"), "--rejects", str(o / "r.csv"),
+               "--metrics", str(o / "m.json"), "--sheet", "")
+    assert res.returncode == 0, res.stderr
+    packed = read_h5(o / "i.h5")["images"]
+    assert packed.shape == (12, 32, 32) and packed.std() > 10            # real faces, resized from 48 px to 32
+    res = _run("stages/ingest.py", "--params", str(tmp_path / "none.yaml"), "-S", "dataset.format=folder",
+               "-S", f"dataset.path={data}", "-S", "dataset.min_length=2", "--out", str(o / "j.h5"))
+    assert "-S dataset.min_length: format folder takes no min_length option" in _usage_error(res)
+    assert not (o / "j.h5").exists()

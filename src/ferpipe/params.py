@@ -1,4 +1,4 @@
-"""Reading params.yaml sections for stage scripts (DVC passes nothing; stages read the file)."""
+"""Reading params.yaml for stage scripts (DVC passes nothing; stages read the file), with their -S overrides."""
 from __future__ import annotations
 
 import copy
@@ -8,29 +8,34 @@ from pathlib import Path
 import yaml
 
 
-def load_params(path: str | os.PathLike = "params.yaml", section: str | None = None) -> dict:
-    """Return params.yaml (or one top-level section of it) as a dict."""
+def load_params(path: str | os.PathLike = "params.yaml", overrides: list[str] | tuple = ()) -> dict:
+    """params.yaml as a dict, with dotted `KEY=VALUE` overrides applied for this call only (the file is
+    not written; see apply_overrides). An absent file is {}: a stage script run by hand may have none."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"params file {path} not found (run from the project root or pass --params)")
-    data = yaml.safe_load(path.read_text()) or {}
-    if section is None:
-        return data
-    if section not in data:
-        raise KeyError(f"{path}: no section '{section}' (has {sorted(data)})")
-    return data[section]
+    data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return apply_overrides(data, overrides)
 
 
-def params_section(path: str | os.PathLike, dotted: str) -> dict | None:
-    """params.yaml's section `dotted` (e.g. "sequence.features"), or None when the file or the section
-    is missing or not a mapping: stage scripts run by hand may have no params file at all."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    node = yaml.safe_load(path.read_text()) or {}
+def lookup(params: dict, dotted: str, default=None):
+    """The value at a dotted key ("sequence.features"), or `default` where a group on the way or the key
+    itself is missing."""
+    node = params
     for key in dotted.split("."):
-        node = node.get(key) if isinstance(node, dict) else None
-    return node if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def required(params: dict, dotted: str, path: str | os.PathLike) -> object:
+    """The value at a dotted key the stage cannot run without: a missing one is a KeyError naming the key
+    and the params file (one line from run_stage)."""
+    missing = object()
+    value = lookup(params, dotted, missing)
+    if value is missing:
+        where = f"{path}" if Path(path).is_file() else f"{path} (no such file)"
+        raise KeyError(f"no param {dotted} in {where}: set it there or with -S {dotted}=VALUE")
+    return value
 
 
 def workers(n: int | None) -> int:
@@ -38,36 +43,85 @@ def workers(n: int | None) -> int:
     return int(n) if n else (os.cpu_count() or 1)
 
 
-def apply_overrides(section: dict | None, items: list[str]) -> dict:
-    """A copy of a params section with `KEY=VALUE` overrides (values parsed as YAML) from a stage's -S;
-    a dotted KEY sets a nested value (`train.epochs=15`), the groups on its way are copied, not edited."""
+def _split_override(item: str) -> tuple[list[str], object]:
+    """`KEY=VALUE` -> (the dotted KEY's parts, VALUE parsed as YAML). A leading + (Hydra's `+key=`, which
+    `dvc exp run -S` needs for a key the config does not set) is accepted and dropped."""
+    key, sep, text = item.partition("=")
+    parts = [k.strip() for k in key.strip().lstrip("+").split(".")]
+    if not sep or not all(parts):
+        raise ValueError(f"an override must be KEY=VALUE, got '{item}'")
+    try:
+        return parts, yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {'.'.join(parts)}: {text!r} is not a YAML value ({' '.join(str(e).split())})") from None
+
+
+def apply_overrides(section: dict | None, items: list[str] | tuple) -> dict:
+    """A copy of params (or of one section) with `KEY=VALUE` overrides (values parsed as YAML); a dotted
+    KEY sets a nested value (`train.epochs=15`), the groups on its way are copied, not edited."""
     out = copy.deepcopy(dict(section or {}))
     for item in items:
-        key, sep, value = item.partition("=")
-        parts = [k.strip() for k in key.split(".")]
-        if not sep or not all(parts):
-            raise ValueError(f"an override must be KEY=VALUE, got '{item}'")
+        parts, value = _split_override(item)
         node = out
         for part in parts[:-1]:
             if not isinstance(node.get(part, {}), dict):
-                raise ValueError(f"override {key}: {part} is a value, not a group")
+                raise ValueError(f"override {'.'.join(parts)}: {part} is a value, not a group")
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = value
     return out
 
 
-def add_override_option(parser, what: str, example: str, flag: str = "-S", dest: str = "set") -> None:
-    """The stages' repeatable `KEY=VALUE` option (values parsed as YAML), e.g. -S for a params section."""
-    parser.add_argument(flag, f"--{dest}", dest=dest, action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override one {what} (repeatable, YAML values), e.g. {flag} {example}")
+# ---------------------------------------------------------------------------- the stage scripts' -S
+
+SET_RULE = ("params come from --params; -S KEY=VALUE sets one for this run only, KEY the full dotted "
+            "params.yaml key as `dvc exp run -S` takes it")
 
 
-def overridden(parser, section: dict | None, items: list[str]) -> dict:
-    """apply_overrides for a stage CLI: a malformed item is a usage error (exit 2), not a traceback."""
+def add_set_option(parser, example: str) -> None:
+    """Every stage's repeatable -S KEY=VALUE (values parsed as YAML; see stage_params)."""
+    parser.add_argument("-S", "--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"{SET_RULE} (repeatable, YAML values), e.g. -S {example}")
+
+
+def _within(key: str, pattern: str) -> bool:
+    """Whether a dotted key lies in a pattern: "a.b.*" = any key inside the group a.b, "a.b" = that key."""
+    return key.startswith(pattern[:-1]) if pattern.endswith(".*") else key == pattern
+
+
+def stage_params(parser, path: str | os.PathLike, items: list[str], reads: tuple[str, ...],
+                 others: tuple[str, ...] = ()) -> dict:
+    """A stage's params: load_params(path, items) with the stage's -S items (full dotted keys, as
+    `dvc exp run -S` takes them). `reads` names what the stage reads ("task" a value, "train.*" the keys
+    inside a group, not the group as a whole); `others`, keys inside those that other stages read. An -S key outside them (a typo,
+    or a key meant for another stage, which this one would silently ignore) is a usage error (exit 2),
+    as is a malformed item."""
     try:
-        return apply_overrides(section, items)
+        keys = [".".join(_split_override(item)[0]) for item in items]
     except ValueError as e:
         parser.error(str(e))
+    for key in keys:
+        if not any(_within(key, r) for r in reads) or any(_within(key, o) for o in others):
+            but = f" but not {', '.join(others)} (other stages')" if others else ""
+            parser.error(f"-S {key}: this stage reads {', '.join(reads)}{but}")
+    params = load_params(path)  # a broken file: an error of the run (exit 1), not of the command line
+    try:
+        return apply_overrides(params, items)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def keys_set_in(items: list[str], group: str) -> set[str]:
+    """The keys directly inside a dotted group that -S items set (`dataset.min_length=3` -> min_length)."""
+    prefix = group.split(".")
+    parts = (_split_override(item)[0] for item in items)
+    return {p[len(prefix)] for p in parts if len(p) > len(prefix) and p[:len(prefix)] == prefix}
+
+
+def whole_number(parser, key: str, value, minimum: int, meaning: str = "") -> int:
+    """A count or size param checked as the CLI's type=int once did: else a usage error naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        parser.error(f"{key} must be a whole number >= {minimum}{meaning}, got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------- params.yaml from conf/

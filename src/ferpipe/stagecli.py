@@ -34,8 +34,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def stage_parser(doc: str | None, epilog: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
-    """An ArgumentParser for a stage script: the docstring as description, defaults shown, --debug."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog, formatter_class=HelpFormatter)
+    """An ArgumentParser for a stage script: the docstring as description, defaults shown, --debug. No
+    abbreviated options: a removed flag must not pass as the prefix of another (--passes of --passes-param)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog, formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--debug", action="store_true", help=f"on an error, show the Python traceback (or set {DEBUG_ENV}=1)")
     return p
 

@@ -23,8 +23,7 @@ REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 
 def _defaults(params: str | os.PathLike | None) -> dict:
-    path = Path(params) if params else REPO_PARAMS
-    return load_params(path) if path.is_file() else {}
+    return load_params(Path(params) if params else REPO_PARAMS)  # an absent file: {}
 
 
 def train(dataset: str | os.PathLike, workdir: str | os.PathLike, model: str = "vgg", task: str = "classes",

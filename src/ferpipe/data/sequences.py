@@ -1,10 +1,10 @@
 """Sequence readers: CK+ frame folders and video files -> the canonical manifest, one row per frame.
 
 Registered in `ferpipe.data.readers.READERS` as `ck_sequences` and `video`, so sequences go through
-the same ingest -> gray48 -> landmarks stages as still images (stages/ingest.py --format ...). Like
-every reader they return `(manifest, rejects)` and only look at files; ingest decodes the frames (a
-video frame's `source` is `<video>#frame=<n>`, which `decode_image` understands), and frames that do
-not decode become rejects rows there.
+the same ingest -> gray48 -> landmarks stages as still images (stages/ingest.py
+-S dataset.format=ck_sequences ...). Like every reader they return `(manifest, rejects)` and only
+look at files; ingest decodes the frames (a video frame's `source` is `<video>#frame=<n>`, which
+`decode_image` understands), and frames that do not decode become rejects rows there.
 
 Manifest rows carry `sequence_id`, `frame_index` (0, 1, ... = order inside the sequence), `subject`
 (CK+ `Sxxx`, or the video CSV's subject column) and one extra column, `frame_number` (the frame's
