@@ -551,7 +551,7 @@ def test_affectnet_face_box_1e20_is_a_reject(tmp_path):
 def test_structural_error_is_one_line_and_bad_sizes_are_usage_errors(tmp_path):
     res = stage("ingest", *ingest_args(tmp_path / "absent", tmp_path / "out"), check=False)
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
-        f"ingest: error: {tmp_path / 'absent'}: folder not found (--debug for the traceback)"]
+        f"ingest.py: error: {tmp_path / 'absent'}: folder not found (--debug for the traceback)"]
     ds = fer_slice(tmp_path / "ds", 2)
     for size in ("0", "-5"):
         res = stage("ingest", *ingest_args(ds, tmp_path / "out"), "-S", f"ingest.size={size}", check=False)

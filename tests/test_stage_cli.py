@@ -136,7 +136,7 @@ def _one_line_error(res, stage: str, *words):
     assert res.returncode == 1, (res.returncode, res.stderr)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert lines[0].startswith(f"{stage}: error: "), lines[0]
+    assert lines[0].startswith(f"{stage}.py: error: "), lines[0]
     for w in words:
         assert w in lines[0], lines[0]
 

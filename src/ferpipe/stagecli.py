@@ -55,7 +55,7 @@ def run_stage(main, argv: list[str] | None = None) -> None:
     """Run a stage's main(argv) from the command line; a user error exits 1 with one line on stderr."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    name = Path(sys.argv[0]).stem or "stage"
+    name = Path(sys.argv[0]).name or "stage"  # as argparse names the script in its usage errors
     try:
         main(argv)
     except USER_ERRORS as err:
