@@ -7,7 +7,9 @@ input recipe and the resize + standardization of a batch are ``ferpipe.models.in
 """
 from __future__ import annotations
 
+import math
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +48,26 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def channel_stats(pixels: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 pixels [N, C, S, S] / 255 over `rows` (all when None)."""
-    x = pixels if rows is None else pixels[rows]
-    x = x.to(torch.float64) / 255.0
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    return [float(v) for v in mean], [float(v) for v in std]
+STATS_BLOCK_BYTES = 16 * 2**20  # pixels summed at once by channel_stats (4x that as int32)
+
+
+def channel_stats(pixels, rows: torch.Tensor | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (n - 1) of uint8 pixels [N, C, S, S] / 255 over `rows` (all when None).
+
+    `pixels`: a tensor, or the ``DiskPixels`` of a run too large for memory, read here in blocks of
+    rows. The sums are exact integers and the figures computed from them once, so they depend on
+    neither the block size nor the device nor whether the pixels were in memory."""
+    rows = torch.arange(len(pixels)) if rows is None else rows
+    channels, per_row = pixels.shape[1], math.prod(pixels.shape[2:])
+    n = len(rows) * per_row
+    if n == 0:
+        return [math.nan] * channels, [math.nan] * channels
+    s1 = s2 = 0
+    for block in rows.split(max(1, STATS_BLOCK_BYTES // (channels * per_row))):
+        x = pixels[block].to(torch.int32)
+        s1 = s1 + x.sum(dim=(0, 2, 3), dtype=torch.int64)
+        s2 = s2 + (x * x).sum(dim=(0, 2, 3), dtype=torch.int64)
+    sums = list(zip(s1.tolist(), s2.tolist()))
+    mean = [a / (255 * n) for a, _ in sums]
+    std = [max(math.sqrt(Fraction(n * b - a * a, n * max(n - 1, 1))) / 255, 1e-6) for a, b in sums]
+    return mean, std

@@ -46,7 +46,7 @@ DEFAULTS = {
     "class_weights": True, "label_smoothing": 0.0, "standardize": True, "channels_last": True, "compile": False,
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
-    "deterministic": True, "progress": None, "log_every": 10, "loss": "auto",
+    "deterministic": True, "progress": None, "log_every": 10, "loss": "auto", "memory_gb": 0,
 }
 # train.loss: auto = cross-entropy for a classification task, mse for valence/arousal; ccc: valence/arousal only
 LOSSES = ("auto", "mse", "ccc")
@@ -235,7 +235,8 @@ def _run_train(params: dict, split_csv: str, gray48: str, guides_dir: str, model
     prm = resolve_params(params.get("train"))
     rt = setup_runtime(prm["device"], prm["threads"], prm["amp"])
     try:
-        data = load_data(split_csv, name, prm["model_kwargs"], gray48, guides_dir, rt.device, splits=("train",))
+        data = load_data(split_csv, name, prm["model_kwargs"], gray48, guides_dir, rt.device, splits=("train",),
+                         memory_gb=prm["memory_gb"])
         regression = data.regression
         check_task(prm, regression)
         folds = select_folds(prm["folds"], data.folds)
