@@ -555,7 +555,9 @@ class H5Writer:
 def h5_writer(path: str | os.PathLike, attrs: Mapping | None = None, rows: int | None = None) -> Iterator[H5Writer]:
     """Write `path` atomically, as write_h5 does, through an ``H5Writer``; `rows`: the row count of
     every appended dataset when known (each must get exactly that many, else ValueError)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # no chunk cache: each block goes to disk in its own write, so a full disk fails that write cleanly
+    # (with dirty chunks cached, HDF5 2.0 failed only when closing the file, then crashed: SIGSEGV)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", rdcc_nbytes=0) as f:
         out = H5Writer(f, None if rows is None else int(rows), attrs)
         yield out
         short = {k: v for k, v in out.filled.items() if out.rows is not None and v != out.rows}
