@@ -78,7 +78,8 @@ def fer_part(fer: Path, tmp: Path, n_batches: int) -> None:
     (_, t_gray) = timed(lambda: run_gray(str(tmp / "ingest.h5"), str(tmp / "gray48.h5"), None))
     data = read_h5(tmp / "gray48.h5")
     (tmp / "guides").mkdir()
-    write_h5(tmp / "guides" / "saliency.h5", {"images": make_guide("saliency", data["images"], None), "ids": data["ids"]})
+    saliency = make_guide("saliency", data["images"], None)
+    write_h5(tmp / "guides" / "saliency.h5", {"images": saliency, "ids": data["ids"]})
     manifest = pd.read_csv(tmp / "manifest.csv", dtype={"id": str, "label_name": str}, keep_default_na=False)
     table, _ = make_split(manifest, "classes", folds=5, seed=2020, test=("test",))
     write_csv(tmp / "split.csv", table)
@@ -211,7 +212,8 @@ def big_part(fer_gray: Path, tmp: Path, n_rows: int, n_batches: int) -> None:
     first, second = shuffled(disk.train_rows(), 4, 2, seed=1)
     step(first)  # warm-up
     _, s = timed(lambda: step(second))
-    print(f"{'resnet18 training step (scale)':34s} {'':7s} {'':8s} {4 / s:13.1f} img/s (batch 4, streamed)\n", flush=True)
+    print(f"{'resnet18 training step (scale)':34s} {'':7s} {'':8s} {4 / s:13.1f} img/s (batch 4, streamed)\n",
+          flush=True)
 
 
 def main(argv=None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -89,7 +88,8 @@ def test_a_streamed_training_run_gives_the_same_metrics_and_weights(real, model,
         d = tmp_path / mode
         metrics = run_train({"model": model, "task": "polarity", "train": {**prm, "memory_gb": gb}}, real["split"],
                             real["gray48"], real["guides"], str(d / "models"), str(d / "train.json"), None)
-        out[mode] = (metrics, load_checkpoint(d / "models" / "fold0.pt")[0].state_dict(), (d / "train.json").read_text())
+        weights = load_checkpoint(d / "models" / "fold0.pt")[0].state_dict()
+        out[mode] = (metrics, weights, (d / "train.json").read_text())
     assert "batches are read from" in capsys.readouterr().out  # the streamed run says so
     (m1, w1, j1), (m2, w2, j2) = out["memory"], out["stream"]
     assert m1 == m2 and j1 == j2 and json.loads(j1)["folds"]["0"]["epochs"] == 2

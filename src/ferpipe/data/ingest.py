@@ -4,9 +4,10 @@ read_dataset gives the manifest; a process pool decodes it in chunks (workers ge
 strings and send back one uint8 block per chunk, so per-image overhead stays at the decode itself);
 rows that do not decode join the reader's rejects with the reason. The decoded blocks go straight
 into the packed file (``ferpipe.store.h5_writer``, a growable dataset: the count of rows that decode
-is known only at the end), so a dataset larger than memory (AffectNet at 224 px) never has to fit. Sequences are checked again
-after decoding: frame_index counts the frames that decoded (0, 1, ... without gaps) and a sequence
-left with fewer than the reader's min_length frames is rejected whole. The outputs (images, manifest,
+is known only at the end), so a dataset larger than memory (AffectNet at 224 px) never has to fit.
+Sequences are checked again after decoding: frame_index counts the frames that decoded (0, 1, ...
+without gaps) and a sequence left with fewer than the reader's min_length frames is rejected whole
+(its decoded frames are cut out of the file again: ``H5Writer.keep``). The outputs (images, manifest,
 rejects, metrics, sheet) are one output set (ferpipe.store): a failing or killed ingest leaves the
 previous set exactly as it was.
 """

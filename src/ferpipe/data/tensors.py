@@ -189,20 +189,14 @@ def _check_rows(path: Path, rows: np.ndarray, ids: np.ndarray) -> None:
 def open_pixels(table: pd.DataFrame, image: str = "gray48", guide: str | None = None,
                 gray48: str | os.PathLike = "data/gray48/images.h5",
                 guides_dir: str | os.PathLike = "data/guides") -> DiskPixels:
-    """The image (and guide) rows of the split table, in its order, left on disk (ids checked)."""
+    """The image (and guide) rows of the split table, in its order, left on disk (ids checked):
+    ``.load()`` gives them in memory as uint8 [len(table), C, S, S]."""
     paths = [p for p in artifact_paths(image, guide, gray48, guides_dir) if p is not None]
     rows = table["index"].to_numpy(np.int64)
     ids = table["id"].astype(str).to_numpy()
     for path in paths:
         _check_rows(path, rows, ids)
     return DiskPixels(paths, rows)
-
-
-def load_pixels(table: pd.DataFrame, image: str = "gray48", guide: str | None = None,
-                gray48: str | os.PathLike = "data/gray48/images.h5",
-                guides_dir: str | os.PathLike = "data/guides") -> np.ndarray:
-    """uint8 [len(table), C, S, S]: the image (and guide) rows of the split table, in its order."""
-    return open_pixels(table, image, guide, gray48, guides_dir).load()
 
 
 class TensorData:
