@@ -9,6 +9,8 @@ metrics/results.json holds the summary) and per-epoch dvclive curves in dvclive/
 fold and the final model in one PNG (plots/train/curves.png).
 
 Runs on CUDA with mixed precision when present, else CPU (train.threads, 0 = every core).
+Training rows whose pixels exceed train.memory_gb (0 = auto: half the available RAM / free GPU memory)
+stay in their HDF5 files and each batch reads its rows: the same batches and results, only slower.
 Several processes (DDP; gloo on CPU, nccl on GPU), only rank 0 writing:
   torchrun --nproc_per_node 2 stages/train.py
 Transfer learning: -S train.init_from=path/to/other/final.pt (head replaced if the classes differ).

@@ -208,6 +208,33 @@ def test_ingest_killed_or_out_of_space_at_every_point(fer_ab, tmp_path):
         assert snap(outs) == old, fault
 
 
+def test_killed_or_out_of_space_between_blocks_keeps_the_old_set(fer_ab, tmp_path):
+    """The block writer (store.h5_writer, fault point `block`): ingest appends one block per decoded chunk
+    (4 blocks of slice B here), gray48 one per 64 MiB of rows. A kill or ENOSPC after some blocks leaves a
+    partial staged file, never a partial output: the old set stays, and the next reader removes the file."""
+    root = tmp_path / "run"
+    outs = ingest_outs(root)
+    gray = [root / "gray/images.h5", root / "plots/gray48.png"]
+    gray_args = ["--images", outs[0], "--out", gray[0], "--sheet", gray[1]]
+    stage("ingest", *ingest_args(fer_ab / "A", root))
+    stage("gray48", *gray_args, "--size", "40")
+    for name, args, fault in [("ingest", ingest_args(fer_ab / "B", root), "block@2:kill"),
+                              ("ingest", ingest_args(fer_ab / "B", root), "block@3:enospc"),
+                              ("gray48", [*gray_args, "--size", "48"], "block@1:kill"),
+                              ("gray48", [*gray_args, "--size", "48"], "block@1:enospc")]:
+        files = outs if name == "ingest" else gray
+        old = snap(files)
+        res = stage(name, *args, fault=fault, check=False)
+        assert res.returncode == (-signal.SIGKILL if fault.endswith("kill") else 1), (fault, res.stderr[-500:])
+        if fault.endswith("kill"):  # died mid-file: its partial staged HDF5 is there until settled
+            assert any(".images.h5.ferpipe-" in f for f in strays(files)), fault
+        else:
+            assert "injected at block@" in res.stderr and "Traceback" not in res.stderr.splitlines()[-1]
+        assert snap(files) == old, fault
+        settle_all(files)
+        assert snap(files) == old and strays(files) == [], fault
+
+
 def test_ingest_stray_temps_of_a_killed_run_are_removed(fer_ab, tmp_path):
     root = tmp_path / "run"
     outs = ingest_outs(root)

@@ -27,3 +27,19 @@ def test_real_faces_resized_and_identity_at_48(fer_dir, tmp_path):
 def test_upsizing_uses_cubic():
     img = (np.arange(48 * 48) % 251).astype(np.uint8).reshape(1, 48, 48)
     np.testing.assert_array_equal(resize_batch(img, 96)[0], cv2.resize(img[0], (96, 96), interpolation=cv2.INTER_CUBIC))
+
+
+def test_blocks_of_rows_give_the_whole_array_result(fer_dir, tmp_path, monkeypatch):
+    """gray48 reads ingest's array and writes its own in blocks (a 224 px AffectNet never fits in memory): with
+    blocks of 5 rows the file, its sheet and attrs are those of one block, byte for byte (real faces)."""
+    import ferpipe.store as store
+    images, _ = fer_slice(fer_dir, "train", per_class=6)
+    ids = np.array([f"f{i}" for i in range(len(images))])
+    write_h5(tmp_path / "in.h5", {"images": images, "ids": ids}, {"stage": "ingest", "size": 48})
+    run_gray(str(tmp_path / "in.h5"), str(tmp_path / "one.h5"), str(tmp_path / "one.png"), size=40)
+    monkeypatch.setattr(store, "BLOCK_BYTES", 5 * 48 * 48)
+    run_gray(str(tmp_path / "in.h5"), str(tmp_path / "many.h5"), str(tmp_path / "many.png"), size=40)
+    np.testing.assert_array_equal(read_h5(tmp_path / "many.h5")["images"], resize_batch(images, 40))
+    assert (tmp_path / "many.h5").read_bytes() == (tmp_path / "one.h5").read_bytes()
+    assert (tmp_path / "many.png").read_bytes() == (tmp_path / "one.png").read_bytes()
+    assert read_attrs(tmp_path / "many.h5")["ingest_size"] == 48

@@ -709,3 +709,28 @@ def test_raf_db_list_on_real_faces(fer_dir, tmp_path):
     run_ingest("raf_db", str(lst), str(aligned), out["out"], out["manifest"], out["rejects"], out["metrics"], None,
                size=48, workers=1, options={"aligned": True}, progress=False)
     assert len(pd.read_csv(out["manifest"])) == 12
+
+
+def test_rows_rejected_after_decoding_leave_the_streamed_images_file(tmp_path, sequences_dir):
+    """ingest appends decoded blocks to images.h5 as they come (ferpipe.store.h5_writer); a sequence found
+    too short only after decoding is then cut out of the file (H5Writer.keep): row i of images.h5 is still
+    manifest row i and its id. Real CK+ frames, decode blocks of 4 rows (one worker) across the cut."""
+    import pandas as pd
+    labels = pd.read_csv(sequences_dir / "labels.csv").iloc[:6]
+    ck = tmp_path / "ck"
+    (ck / "frames").mkdir(parents=True)
+    labels.to_csv(ck / "labels.csv", index=False)
+    for seq in labels["sequence_id"]:
+        shutil.copytree(sequences_dir / "frames" / seq, ck / "frames" / seq)
+    cut = ck / "frames" / labels["sequence_id"][2]
+    bad = sorted(cut.iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:60])  # does not decode: its sequence falls below min_length after decoding
+    o = tmp_path / "o"
+    metrics = run_ingest("ck_sequences", ck, "", o / "i.h5", o / "m.csv", o / "r.csv", None, None, size=40,
+                         workers=1, options={"min_length": int(labels["frame_count"][2])}, progress=False)
+    man = pd.read_csv(o / "m.csv", dtype={"id": str, "sequence_id": str})
+    got = read_h5(o / "i.h5")
+    assert labels["sequence_id"][2] not in set(man["sequence_id"]) and man["sequence_id"].nunique() == 5
+    assert metrics["images"] == len(man) == len(got["images"]) and list(got["ids"]) == list(man["id"])
+    for row, source in enumerate(man["source"]):
+        np.testing.assert_array_equal(got["images"][row], decode_image(source, 40))

@@ -2,9 +2,12 @@
 
 read_dataset gives the manifest; a process pool decodes it in chunks (workers get paths or pixel
 strings and send back one uint8 block per chunk, so per-image overhead stays at the decode itself);
-rows that do not decode join the reader's rejects with the reason. Sequences are checked again
-after decoding: frame_index counts the frames that decoded (0, 1, ... without gaps) and a sequence
-left with fewer than the reader's min_length frames is rejected whole. The outputs (images, manifest,
+rows that do not decode join the reader's rejects with the reason. The decoded blocks go straight
+into the packed file (``ferpipe.store.h5_writer``, a growable dataset: the count of rows that decode
+is known only at the end), so a dataset larger than memory (AffectNet at 224 px) never has to fit.
+Sequences are checked again after decoding: frame_index counts the frames that decoded (0, 1, ...
+without gaps) and a sequence left with fewer than the reader's min_length frames is rejected whole
+(its decoded frames are cut out of the file again: ``H5Writer.keep``). The outputs (images, manifest,
 rejects, metrics, sheet) are one output set (ferpipe.store): a failing or killed ingest leaves the
 previous set exactly as it was.
 """
@@ -26,7 +29,7 @@ from ferpipe.data.readers import READERS, REJECT_COLUMNS, DatasetError, read_dat
 from ferpipe.params import workers as worker_count
 from ferpipe.plots import grid, sample_indices, write_png
 from ferpipe.pool import spawn_pool
-from ferpipe.store import write_csv, write_h5, write_json, writes
+from ferpipe.store import h5_writer, write_csv, write_json, writes
 
 CHUNK = 512
 SHEET_PER_CLASS = 12
@@ -90,10 +93,12 @@ def _items(manifest: pd.DataFrame) -> list[tuple]:
 
 
 def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bool = True,
-               max_bytes: int | None = None, face_margin: float | None = None):
+               max_bytes: int | None = None, face_margin: float | None = None, sink=None):
     """Decode every manifest row -> (images uint8 [N, size, size], ok bool [N], reasons {row: str}).
     Files larger than max_bytes are rejected unread. With face_margin, each image becomes its largest
-    face (see _face_crop) and the manifest gains the FACE_COLUMNS (in place)."""
+    face (see _face_crop) and the manifest gains the FACE_COLUMNS (in place). With `sink`, the rows
+    that decoded are handed to ``sink(block)`` chunk by chunk, in row order, instead of being kept
+    (images is then None): the whole array is never in memory."""
     items = _items(manifest)
     n = len(items)
     nproc = worker_count(workers)
@@ -102,7 +107,7 @@ def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bo
     tasks = [(size, max_bytes, face_margin, items[i:i + chunk]) for i in range(0, n, chunk)]
     face_info: dict[int, tuple] = {}
     nproc = min(nproc, len(tasks)) or 1
-    images = np.zeros((n, size, size), np.uint8)
+    images = np.zeros((n, size, size), np.uint8) if sink is None else None
     ok = np.ones(n, bool)
     reasons = {}
     bar = tqdm(total=n, unit="img", desc="ingest", disable=None if progress else True)
@@ -113,10 +118,13 @@ def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bo
         results = pool.imap(_decode_chunk, tasks) if pool else map(_decode_chunk, tasks)
         start = 0
         for out, errors, faces in results:
-            images[start:start + len(out)] = out
             for i, reason in errors:
                 ok[start + i] = False
                 reasons[start + i] = reason
+            if sink is None:
+                images[start:start + len(out)] = out
+            else:
+                sink(out[ok[start:start + len(out)]])
             face_info.update((start + i, info) for i, info in faces)
             start += len(out)
             bar.update(len(out))
@@ -137,12 +145,13 @@ def _summary(reasons) -> str:
     return "; ".join(f"{r} x{n}" for r, n in common)
 
 
-def contact_sheet(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
-    """One row of samples per class, labelled "<class> <count>"; one unlabelled row if no classes."""
+def contact_sheet(read_rows, labels: np.ndarray, classes: list[str]) -> np.ndarray:
+    """One row of samples per class, labelled "<class> <count>"; one unlabelled row if no classes.
+    `read_rows(indices)` gives the images (uint8 [k, S, S]) of those rows."""
     rows, names = [], []
-    groups = [(c, np.flatnonzero(labels == c)) for c in classes] or [("all", np.arange(len(images)))]
+    groups = [(c, np.flatnonzero(labels == c)) for c in classes] or [("all", np.arange(len(labels)))]
     for name, idx in groups:
-        rows.append(images[idx[sample_indices(len(idx), SHEET_PER_CLASS)]])
+        rows.append(read_rows(idx[sample_indices(len(idx), SHEET_PER_CLASS)]))
         names.append(f"{name} {len(idx)}")
     return grid(rows, cell=64, labels=names)
 
@@ -203,32 +212,36 @@ def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metr
     if manifest.empty:
         raise DatasetError(f"{path}: no usable rows ({len(rejects)} rejected: {_summary(rejects['reason'])})")
     max_bytes = int(float(max_file_mb) * 2**20) if max_file_mb else None
-    images, ok, reasons = decode_all(manifest, size, workers, progress, max_bytes,
-                                     float(face_margin) if face_crop else None)
-    check_sequences(manifest, ok, reasons, _min_length(fmt, options))
-    if not ok.any():
-        raise DatasetError(f"{path}: no image could be decoded ({len(reasons)} failed: "
-                           f"{_summary(reasons.values())})")
-    bad = np.flatnonzero(~ok)
-    decode_rejects = pd.DataFrame({"source": manifest["source"].to_numpy()[bad].astype(str),
-                                   "line": np.full(len(bad), -1, np.int64),
-                                   "reason": [reasons[i] for i in bad]}, columns=REJECT_COLUMNS)
-    rejects = pd.concat([rejects, decode_rejects], ignore_index=True) if len(bad) else rejects
-    kept = manifest[ok].reset_index(drop=True)
-    images = images[ok] if len(bad) else images
-    labels = kept["label_name"].to_numpy().astype(str)
-    classes = class_list(labels)
-
-    metrics = {
-        "images": int(len(kept)),
-        "rejected": int(len(rejects)),
-        "splits": {str(k): int(v) for k, v in kept["split"].value_counts().sort_index().items()},
-        "classes": {c: int((labels == c).sum()) for c in classes},
-    }
-    sheet = contact_sheet(images, labels, classes) if sheet_path else None
-    attrs = {"stage": "ingest", "size": int(size), "format": fmt, "path": str(path), "root": str(root or ""),
-             "classes": classes, "face_crop": bool(face_crop), "face_margin": float(face_margin)}
-    write_h5(out_images, {"images": images, "ids": kept["id"].to_numpy().astype(str)}, attrs)
+    with h5_writer(out_images) as out:
+        _, ok, reasons = decode_all(manifest, size, workers, progress, max_bytes,
+                                    float(face_margin) if face_crop else None,
+                                    sink=lambda block: out.append("images", block))
+        decoded = ok.copy()
+        check_sequences(manifest, ok, reasons, _min_length(fmt, options))
+        if not ok.any():
+            raise DatasetError(f"{path}: no image could be decoded ({len(reasons)} failed: "
+                               f"{_summary(reasons.values())})")
+        if not ok[decoded].all():  # sequences left too short: their decoded frames leave the file
+            out.keep("images", ok[decoded])
+        bad = np.flatnonzero(~ok)
+        decode_rejects = pd.DataFrame({"source": manifest["source"].to_numpy()[bad].astype(str),
+                                       "line": np.full(len(bad), -1, np.int64),
+                                       "reason": [reasons[i] for i in bad]}, columns=REJECT_COLUMNS)
+        rejects = pd.concat([rejects, decode_rejects], ignore_index=True) if len(bad) else rejects
+        kept = manifest[ok].reset_index(drop=True)
+        labels = kept["label_name"].to_numpy().astype(str)
+        classes = class_list(labels)
+        metrics = {
+            "images": int(len(kept)),
+            "rejected": int(len(rejects)),
+            "splits": {str(k): int(v) for k, v in kept["split"].value_counts().sort_index().items()},
+            "classes": {c: int((labels == c).sum()) for c in classes},
+        }
+        sheet = contact_sheet(lambda rows: out.read("images", rows), labels, classes) if sheet_path else None
+        out.attrs.update({"stage": "ingest", "size": int(size), "format": fmt, "path": str(path),
+                          "root": str(root or ""), "classes": classes, "face_crop": bool(face_crop),
+                          "face_margin": float(face_margin)})
+        out.write("ids", kept["id"].to_numpy().astype(str))
     write_csv(out_manifest, kept.drop(columns=["pixels"], errors="ignore"))
     write_csv(out_rejects, rejects)
     if metrics_path:

@@ -7,6 +7,11 @@ device. A batch is ``data.batch(index_tensor)``: a gather, a float conversion (/
 augmentation (``ferpipe.data.augment``) and the per-channel standardization, all on the device.
 The train stage loads the train and test rows, the evaluate stage the test rows only.
 
+Larger than memory: when the rows of a run do not fit the memory budget (``memory_budget``:
+train.memory_gb, 0 = auto), the arrays stay in their files (``DiskPixels``) and each batch reads
+its rows from them; the gather is the only step that differs, so both modes give the same batches
+bit for bit (tests/test_tensors.py).
+
 Which arrays a model needs comes from ``MODEL_SPECS[name]`` (image: gray48 | patches | weighted;
 guide: None | a guide kind). Rows follow data/split/split.csv (its ``index`` column is the row in
 the packed arrays; ids are checked).
@@ -22,6 +27,7 @@ meta["input"]) and the resize + standardization of a batch are ``ferpipe.models.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -31,7 +37,7 @@ import torch
 
 from ferpipe.models import MODEL_SPECS
 from ferpipe.models.inputs import InputSpec, model_size, normalize, split_channels
-from ferpipe.store import read_attrs, read_h5
+from ferpipe.store import BLOCK_BYTES, open_h5, read_attrs, read_rows
 
 
 def artifact_paths(image: str, guide: str | None, gray48: str | os.PathLike = "data/gray48/images.h5",
@@ -77,37 +83,125 @@ def read_split(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     return table, classes
 
 
-def _load_rows(path: Path, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+MEMORY_SHARE = 0.5  # memory_gb 0 (auto): the share of available RAM (and of free GPU memory) the arrays may take
+
+
+def available_ram() -> int:
+    """Bytes of RAM available without swapping (MemAvailable of /proc/meminfo; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_budget(memory_gb: float = 0, device: str | torch.device = "cpu") -> int:
+    """Bytes the pixels of a run may take in memory: `memory_gb` GiB when > 0; 0 = auto: MEMORY_SHARE
+    of the available RAM (shared among the torchrun processes of this machine) and, on CUDA, no more
+    than that share of the GPU's free memory (the pixels live there)."""
+    try:
+        gb = float(memory_gb)
+    except (TypeError, ValueError):
+        gb = math.nan
+    if not (gb >= 0 and math.isfinite(gb)):
+        raise ValueError(f"train.memory_gb must be a number >= 0 (GiB; 0 = auto), got {memory_gb!r}")
+    if gb > 0:
+        return int(gb * 2**30)
+    budget = MEMORY_SHARE * available_ram() / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = torch.device(device)
+    if device.type == "cuda":
+        budget = min(budget, MEMORY_SHARE * torch.cuda.mem_get_info(device)[0])
+    return int(budget)
+
+
+class DiskPixels:
+    """The uint8 pixels [N, C, S, S] of a run left in their HDF5 files: channel c is dataset
+    ``images`` of ``paths[c]``, row i is file row ``file_rows[i]``. It stands for the in-memory
+    tensor: ``pixels[rows]`` / ``pixels[rows, channel]`` read those rows (``read_rows``: each
+    distinct row once, in file order) and give a uint8 tensor on its device."""
+
+    def __init__(self, paths: list[Path], file_rows: np.ndarray, device: str | torch.device = "cpu"):
+        self.paths = [Path(p) for p in paths]
+        self.file_rows = np.asarray(file_rows, np.int64)
+        self.device = torch.device(device)
+        self._files = [open_h5(p) for p in self.paths]
+        arrays = [f["images"] for f in self._files]
+        for path, ds in zip(self.paths[1:], arrays[1:]):
+            if ds.shape[1:] != arrays[0].shape[1:]:
+                raise ValueError(f"{path} is {ds.shape[1:]}, {self.paths[0]} is {arrays[0].shape[1:]}")
+        self._arrays = arrays
+        self.shape = (len(self.file_rows), len(arrays), *arrays[0].shape[1:])
+        self.dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape)
+
+    def to(self, device: str | torch.device) -> "DiskPixels":
+        return self if torch.device(device) == self.device else DiskPixels(self.paths, self.file_rows, device)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """uint8 [len(rows), C, S, S]: these rows (any order, repeats allowed)."""
+        file_rows = self.file_rows[np.asarray(rows, np.int64)]
+        out = np.empty((len(file_rows), *self.shape[1:]), np.uint8)
+        for c, ds in enumerate(self._arrays):
+            out[:, c] = read_rows(ds, file_rows)
+        return out
+
+    def load(self) -> np.ndarray:
+        """Every row in memory (read in blocks of about BLOCK_BYTES)."""
+        out = np.empty(self.shape, np.uint8)
+        step = max(1, BLOCK_BYTES // max(1, math.prod(self.shape[1:])))
+        for start in range(0, len(self), step):
+            out[start:start + step] = self.read(np.arange(start, min(start + step, len(self))))
+        return out
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, channel = key if isinstance(key, tuple) else (key, slice(None))
+        if isinstance(rows, slice):
+            rows = np.arange(len(self))[rows]
+        elif isinstance(rows, torch.Tensor):
+            rows = rows.cpu().numpy()
+        return torch.from_numpy(self.read(np.atleast_1d(rows))).to(self.device)[:, channel]
+
+
+def _check_rows(path: Path, rows: np.ndarray, ids: np.ndarray) -> None:
+    """The split's rows exist in `path` and hold the ids split.csv says."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (run its stage first: dvc repro)")
-    data = read_h5(path, ["images", "ids"])
-    if rows.max(initial=-1) >= len(data["ids"]):
-        raise ValueError(f"{path} has {len(data['ids'])} rows, split.csv refers to row {rows.max()}")
-    got = data["ids"][rows]
+    with open_h5(path) as f:
+        stored = f["ids"].asstr()[()].astype(str)
+    if rows.max(initial=-1) >= len(stored):
+        raise ValueError(f"{path} has {len(stored)} rows, split.csv refers to row {rows.max()}")
+    got = stored[rows]
     if not np.array_equal(got, ids):
         bad = int(np.flatnonzero(got != ids)[0])
         raise ValueError(f"{path}: row {rows[bad]} is id {got[bad]!r}, split.csv says {ids[bad]!r}; "
                          "the artifacts come from different ingests (dvc repro)")
-    return data["images"][rows]
 
 
-def load_pixels(table: pd.DataFrame, image: str = "gray48", guide: str | None = None,
+def open_pixels(table: pd.DataFrame, image: str = "gray48", guide: str | None = None,
                 gray48: str | os.PathLike = "data/gray48/images.h5",
-                guides_dir: str | os.PathLike = "data/guides") -> np.ndarray:
-    """uint8 [len(table), C, S, S]: the image (and guide) rows of the split table, in its order."""
-    img_path, guide_path = artifact_paths(image, guide, gray48, guides_dir)
+                guides_dir: str | os.PathLike = "data/guides") -> DiskPixels:
+    """The image (and guide) rows of the split table, in its order, left on disk (ids checked):
+    ``.load()`` gives them in memory as uint8 [len(table), C, S, S]."""
+    paths = [p for p in artifact_paths(image, guide, gray48, guides_dir) if p is not None]
     rows = table["index"].to_numpy(np.int64)
     ids = table["id"].astype(str).to_numpy()
-    arrays = [_load_rows(img_path, rows, ids)]
-    if guide_path is not None:
-        arrays.append(_load_rows(guide_path, rows, ids))
-        if arrays[1].shape != arrays[0].shape:
-            raise ValueError(f"{guide_path} is {arrays[1].shape[1:]}, {img_path} is {arrays[0].shape[1:]}")
-    return np.ascontiguousarray(np.stack(arrays, axis=1))
+    for path in paths:
+        _check_rows(path, rows, ids)
+    return DiskPixels(paths, rows)
 
 
 class TensorData:
-    """All rows of one run in memory as uint8 [N, C, S, S] on `device`, plus targets: class indices [N],
+    """All rows of one run in memory as uint8 [N, C, S, S] on `device` (or, given ``DiskPixels``, left
+    on disk and read batch by batch), plus targets: class indices [N],
     or with ``regression`` the float targets [N, 2] (``REGRESSION_TARGETS`` columns of the table, on
     their original scale; ``classes`` then names them).
 
@@ -116,10 +210,10 @@ class TensorData:
     ``val_rows(fold)`` / ``test_rows()`` give index tensors.
     """
 
-    def __init__(self, pixels: np.ndarray, table: pd.DataFrame, classes: list[str], spec: InputSpec,
+    def __init__(self, pixels: np.ndarray | DiskPixels, table: pd.DataFrame, classes: list[str], spec: InputSpec,
                  device: str | torch.device = "cpu", regression: bool = False):
         self.device = torch.device(device)
-        self.pixels = torch.from_numpy(pixels).to(self.device)
+        self.pixels = (torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels).to(self.device)
         self.regression = bool(regression)
         if self.regression:
             values = table[REGRESSION_TARGETS].to_numpy(np.float32).copy()
@@ -137,6 +231,11 @@ class TensorData:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    @property
+    def streaming(self) -> bool:
+        """The pixels stay in their files; each batch reads its rows."""
+        return isinstance(self.pixels, DiskPixels)
 
     @property
     def folds(self) -> list[int]:
@@ -178,7 +277,8 @@ class TensorData:
         return [float(v) for v in self.target_mean], [float(v) for v in self.target_std]
 
     def batch(self, idx: torch.Tensor, augment=None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(image, guide, targets) for the rows `idx`; `augment(x)` runs on [B,C,S,S] in [0, 1]."""
+        """(image, guide, targets) for the rows `idx`; `augment(x)` runs on [B,C,S,S] in [0, 1]. Streaming
+        or not, only the gather differs (uint8 rows from memory or from the files): the rest is one path."""
         x = self.pixels[idx].float().div_(255.0)
         if augment is not None:
             x = augment(x)
@@ -191,9 +291,11 @@ class TensorData:
 
 def load_data(split_csv: str | os.PathLike, model: str, model_kwargs: dict | None = None,
               gray48: str | os.PathLike = "data/gray48/images.h5", guides_dir: str | os.PathLike = "data/guides",
-              device: str | torch.device = "cpu", splits: tuple[str, ...] = ("train", "test")) -> TensorData:
+              device: str | torch.device = "cpu", splits: tuple[str, ...] = ("train", "test"),
+              memory_gb: float = 0) -> TensorData:
     """Read split.csv and the arrays `model` needs; keep the rows of `splits`; mean/std left at 0/1
-    (the input's and, for a valence/arousal split, the targets')."""
+    (the input's and, for a valence/arousal split, the targets'). The rows are loaded into memory
+    when they fit ``memory_budget(memory_gb, device)``, else left on disk (streamed batch by batch)."""
     table, classes = read_split(split_csv)
     regression = is_regression_split(table)
     table = table[table["split"].isin(splits)].reset_index(drop=True)
@@ -204,7 +306,14 @@ def load_data(split_csv: str | os.PathLike, model: str, model_kwargs: dict | Non
     spec = InputSpec(image=ms["image"], guide=ms["guide"], size=model_size(model, model_kwargs),
                      mean=[0.0] * channels, std=[1.0] * channels)
     check_guides_found_faces(spec, guides_dir)
-    pixels = load_pixels(table, spec.image, spec.guide, gray48, guides_dir)
+    disk = open_pixels(table, spec.image, spec.guide, gray48, guides_dir)
+    budget = memory_budget(memory_gb, device)
+    if disk.nbytes <= budget:
+        pixels = disk.load()
+    else:
+        pixels = disk
+        print(f"{disk.nbytes / 2**30:.2f} GiB of pixels > the memory budget of {budget / 2**30:.2f} GiB "
+              f"(train.memory_gb {memory_gb}): batches are read from {', '.join(map(str, disk.paths))}", flush=True)
     return TensorData(pixels, table, classes, spec, device, regression=regression)
 
 

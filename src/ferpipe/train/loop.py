@@ -166,8 +166,9 @@ class FitConfig:
     plot_every: int = 0               # regression: validation predictions vs targets every N epochs (needs `targets`, `live`)
 
 
-# FitConfig fields that change no weight, history or plot: left out of a snapshot's key
-REPORTING = ("progress", "log_every", "snapshot_every")
+# settings that change no weight, history or plot: left out of a snapshot's key (FitConfig fields, and the
+# train stage's memory_gb: streamed batches are the in-memory ones, bit for bit)
+REPORTING = ("progress", "log_every", "snapshot_every", "memory_gb")
 
 
 def class_weights(counts: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ DEFAULTS = {
     "augment": {"hflip": 0.5, "degrees": 10, "scale": [0.9, 1.1], "translate": 0.1},
     "init_from": "", "model_kwargs": {}, "device": "auto", "amp": True, "threads": 0,
     "deterministic": True, "progress": None, "log_every": 10, "loss": "auto", "snapshot_every": 5, "plot_every": 10,
+    "memory_gb": 0,
 }
 # train.loss: auto = cross-entropy for a classification task, mse for valence/arousal; ccc: valence/arousal only
 LOSSES = ("auto", "mse", "ccc")
@@ -272,7 +273,8 @@ def _run_train(name: str, prm: dict, task: str | None, split_csv: str, gray48: s
                metrics_path: str | None, live_root: str | None, snaps: RunSnapshots | None) -> dict:
     rt = setup_runtime(prm["device"], prm["threads"], prm["amp"])
     try:
-        data = load_data(split_csv, name, prm["model_kwargs"], gray48, guides_dir, rt.device, splits=("train",))
+        data = load_data(split_csv, name, prm["model_kwargs"], gray48, guides_dir, rt.device, splits=("train",),
+                         memory_gb=prm["memory_gb"])
         regression = data.regression
         check_task(prm, regression)
         folds = select_folds(prm["folds"], data.folds)
