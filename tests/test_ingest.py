@@ -577,15 +577,20 @@ def test_stage_cli(tmp_path, capsys):
     assert params.read_text().count("size: 24") == 1           # for this run only
 
 
-def test_stage_reads_a_dotted_section_and_reader_options(tmp_path, sequences_dir):
-    """The sequence stages' ingest: params section sequence.dataset, its reader options, -S on the CLI."""
-    import pandas as pd
-    labels = pd.read_csv(sequences_dir / "labels.csv").iloc[:6]
+def _ck_slice(tmp_path, sequences_dir, n: int = 6):
+    """The first n real CK+ sequences copied into tmp_path/ck (frames/ + labels.csv): (their labels, the folder)."""
+    labels = pd.read_csv(sequences_dir / "labels.csv").iloc[:n]
     ck = tmp_path / "ck"
     (ck / "frames").mkdir(parents=True)
     labels.to_csv(ck / "labels.csv", index=False)
     for seq in labels["sequence_id"]:
         shutil.copytree(sequences_dir / "frames" / seq, ck / "frames" / seq)
+    return labels, ck
+
+
+def test_stage_reads_a_dotted_section_and_reader_options(tmp_path, sequences_dir):
+    """The sequence stages' ingest: params section sequence.dataset, its reader options, -S on the CLI."""
+    labels, ck = _ck_slice(tmp_path, sequences_dir)
     (ck / "frames" / labels["sequence_id"][0] / sorted(os.listdir(ck / "frames" / labels["sequence_id"][0]))[0]).unlink()
     params = tmp_path / "params.yaml"
     params.write_text(f"dataset:\n  format: folder\n  path: nowhere\n"
@@ -715,13 +720,7 @@ def test_rows_rejected_after_decoding_leave_the_streamed_images_file(tmp_path, s
     """ingest appends decoded blocks to images.h5 as they come (ferpipe.store.h5_writer); a sequence found
     too short only after decoding is then cut out of the file (H5Writer.keep): row i of images.h5 is still
     manifest row i and its id. Real CK+ frames, decode blocks of 4 rows (one worker) across the cut."""
-    import pandas as pd
-    labels = pd.read_csv(sequences_dir / "labels.csv").iloc[:6]
-    ck = tmp_path / "ck"
-    (ck / "frames").mkdir(parents=True)
-    labels.to_csv(ck / "labels.csv", index=False)
-    for seq in labels["sequence_id"]:
-        shutil.copytree(sequences_dir / "frames" / seq, ck / "frames" / seq)
+    labels, ck = _ck_slice(tmp_path, sequences_dir)
     cut = ck / "frames" / labels["sequence_id"][2]
     bad = sorted(cut.iterdir())[1]
     bad.write_bytes(bad.read_bytes()[:60])  # does not decode: its sequence falls below min_length after decoding
