@@ -52,8 +52,9 @@ from ferpipe.sequences.data import (ClipAugment, SequenceBatches, SequenceData, 
 from ferpipe.models.checkpoint import save_checkpoint
 from ferpipe.models.sequence import build_sequence_model, init_encoder, load_sequence_model
 from ferpipe.store import write_csv, write_h5, write_json, write_text, writes
-from ferpipe.train.loop import (SNAPSHOTS, CrossEntropy, MeanSquared, RunSnapshots, Runtime, TargetScale, class_weights,
-                                file_identity, fit, seed_everything, setup_runtime, teardown_runtime)
+from ferpipe.train.loop import (CrossEntropy, MeanSquared, Runtime, TargetScale, class_weights, fit, seed_everything,
+                                setup_runtime, teardown_runtime)
+from ferpipe.train.snapshots import SNAPSHOTS, RunSnapshots, file_identity
 
 
 def _say(msg: str) -> None:

@@ -21,7 +21,7 @@ Every ``train.plot_every`` epochs a fold's dvclive folder gets the scatter of it
 targets (plots/images/regression/<epoch>.png).
 
 Snapshots (``train.snapshot_every``): each fold (and the final model) keeps a resumable state in
-``.ferpipe/snapshots/train/<run-id>/`` (``ferpipe.train.loop.RunSnapshots``); a run with the same run-id
+``.ferpipe/snapshots/train/<run-id>/`` (``ferpipe.train.snapshots.RunSnapshots``); a run with the same run-id
 takes finished folds from their snapshots and continues the interrupted one after its last snapshot,
 with the weights, history and metrics of an uninterrupted run. The snapshots go once the outputs are written.
 """
@@ -44,9 +44,9 @@ from ferpipe.models.inputs import InputSpec
 from ferpipe.live import live_curves
 from ferpipe.store import output_set, write_json
 from ferpipe.train.data import channel_stats, preprocess_record
-from ferpipe.train.loop import (REPORTING, SNAPSHOTS, Concordance, FitConfig, MeanSquared, RunSnapshots, Runtime,
-                                TargetScale, class_weights, file_identity, fit, seed_everything, setup_runtime,
-                                teardown_runtime)
+from ferpipe.train.loop import (Concordance, FitConfig, MeanSquared, Runtime, TargetScale, class_weights, fit,
+                                seed_everything, setup_runtime, teardown_runtime)
+from ferpipe.train.snapshots import REPORTING, SNAPSHOTS, RunSnapshots, file_identity
 
 DEFAULTS = {
     "seed": 2020, "folds": "all", "final": False, "max_epochs": 500, "patience": 30, "batch_size": 128,
