@@ -42,7 +42,7 @@ from ferpipe.store import settle, write_csv, write_json, write_text, writes
 
 DEFAULTS = {
     "members": "auto", "tta": 0, "tta_mode": "random", "tta_augment": {"hflip": 0.5, "degrees": 5, "scale": [0.95, 1.05], "translate": 0.05},
-    "seed": 2020, "batch_size": 512, "errors": 36, "device": "auto", "threads": 0,
+    "seed": 2020, "batch_size": 128, "errors": 36, "device": "auto", "threads": 0,
 }
 
 
@@ -102,7 +102,7 @@ def select_checkpoints(models_dir: str | os.PathLike, members: str = "auto") -> 
 
 @torch.inference_mode()
 def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, spec: InputSpec, tta: int = 0,
-                   tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512,
+                   tta_augment: dict | None = None, seed: int = 0, batch_size: int = 128,
                    scale: tuple[np.ndarray, np.ndarray] | None = None, tta_mode: str = "random") -> np.ndarray:
     """Softmax probabilities [N, C] of uint8 pixels [N, C, S, S] (on the model's device), in batches of
     `batch_size`; with tta > 0 averaged over the plain + tta augmented copies (one seeded stream, so the
@@ -132,7 +132,7 @@ def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, spec: InputSpec
 
 
 def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: InputSpec, tta: int = 0,
-            tta_augment: dict | None = None, seed: int = 0, batch_size: int = 512,
+            tta_augment: dict | None = None, seed: int = 0, batch_size: int = 128,
             scale: tuple[np.ndarray, np.ndarray] | None = None, tta_mode: str = "random") -> np.ndarray:
     """Softmax probabilities [len(rows), C] of the rows of `data` (``predict_pixels``), or with `scale` a
     valence/arousal model's predictions on the original scale."""
