@@ -217,11 +217,11 @@ def test_killed_or_out_of_space_between_blocks_keeps_the_old_set(fer_ab, tmp_pat
     gray = [root / "gray/images.h5", root / "plots/gray48.png"]
     gray_args = ["--images", outs[0], "--out", gray[0], "--sheet", gray[1]]
     stage("ingest", *ingest_args(fer_ab / "A", root))
-    stage("gray48", *gray_args, "--size", "40")
+    stage("gray48", *gray_args, "-S", "gray48.size=40")
     for name, args, fault in [("ingest", ingest_args(fer_ab / "B", root), "block@2:kill"),
                               ("ingest", ingest_args(fer_ab / "B", root), "block@3:enospc"),
-                              ("gray48", [*gray_args, "--size", "48"], "block@1:kill"),
-                              ("gray48", [*gray_args, "--size", "48"], "block@1:enospc")]:
+                              ("gray48", [*gray_args, "-S", "gray48.size=48"], "block@1:kill"),
+                              ("gray48", [*gray_args, "-S", "gray48.size=48"], "block@1:enospc")]:
         files = outs if name == "ingest" else gray
         old = snap(files)
         res = stage(name, *args, fault=fault, check=False)
