@@ -434,9 +434,10 @@ def test_every_registry_model_exports_to_onnx(name, fer_dir, tmp_path):
     pixels = real_pixels(fer_dir, input_spec)
     calibrate(model, pixels, input_spec)
     save_checkpoint(tmp_path / "m.pt", model, name, FER7, kw, {"input": input_spec.to_dict()})
-    # inception_v3: onnxruntime's and oneDNN's float32 kernels differ by 2.6e-4 after its 94 convolutions
-    # (seeded weights, logits up to 9; bench/export_all.py); every other model here stays under 1e-4
-    tolerance = 5e-4 if name == "inception_v3" else 1e-4
+    # inception_v3: onnxruntime's and oneDNN's float32 kernels differ after its 94 convolutions (seeded weights,
+    # logits up to 9): 2.6e-4 with NCHW weights, 4.8e-4 (2 threads) / 5.7e-4 (1 thread) with the channels_last
+    # inference form (models/inference.py), i.e. 6e-5 of the logits' scale; every other model stays under 1e-4
+    tolerance = 1e-3 if name == "inception_v3" else 1e-4
     result = export_model(tmp_path / "m.pt", "onnx", tmp_path / "m.onnx", check=pixels, tolerance=tolerance)
     assert result["max_abs_diff"] < tolerance
     import onnx
