@@ -286,3 +286,19 @@ def test_bad_color_is_a_one_line_error(fer_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ingest(fer_dir, tmp_path, "-S", "ingest.color=cmyk")
     assert e.value.code == 2 and "ingest.color must be one of gray, rgb, got 'cmyk'" in capsys.readouterr().err
+
+
+def test_emotion_sdk_recipe_is_rgb_at_100_px():
+    """The recipe composes to RGB at 100 px end to end and a ResNet-18 that takes it."""
+    import yaml
+
+    from ferpipe.params import compose_params
+
+    p = yaml.safe_load(compose_params(REPO / "conf", ["recipe=emotion_sdk"]))
+    assert p["recipe"] == "emotion_sdk" and p["ingest"]["color"] == "rgb"
+    assert p["ingest"]["size"] == p["gray48"]["size"] == p["train"]["model_kwargs"]["in_size"] == 100
+    assert p["model"] == "resnet18" and p["landmarks"]["passes"] == []
+    net = build_model(p["model"], 7, in_channels=3, **p["train"]["model_kwargs"]).eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 100, 100)).shape == (1, 7)
+    assert yaml.safe_load(compose_params(REPO / "conf"))["ingest"]["color"] == "gray"   # the default stays gray
