@@ -136,6 +136,26 @@ def test_landmarks_and_guides_on_rgb_equal_those_on_its_gray(gray_and_rgb):
     assert c_soft.shape == (24, 48, 48) and np.array_equal(g_soft, c_soft)
 
 
+def test_face_crop_cuts_colour_faces_where_it_cuts_gray_ones(tmp_path):
+    """dataset.face_crop under rgb: the same face found (on the gray) and the same alignment, cut from the
+    colour photo: its gray is the gray crop but for the rounding of the warp."""
+    from skimage import data as skdata
+
+    root = tmp_path / "photos"
+    (root / "train" / "happy").mkdir(parents=True)
+    Image.fromarray(skdata.astronaut()).save(root / "train/happy/astronaut.png")
+    for color in ("gray", "rgb"):
+        ingest(root, tmp_path / color, "-S", "dataset.face_crop=true", "-S", f"ingest.color={color}")
+    (gray,), _ = read(tmp_path / "gray/ingest/images.h5", "images")
+    (rgb,), attrs = read(tmp_path / "rgb/ingest/images.h5", "images")
+    boxes = [pd.read_csv(tmp_path / c / "ingest/manifest.csv")[["face_x0", "face_y0", "face_x1", "face_y1"]].to_numpy()
+             for c in ("gray", "rgb")]
+    assert gray.shape == (1, 48, 48) and rgb.shape == (1, 48, 48, 3) and attrs["face_crop"] and attrs["color"] == "rgb"
+    assert np.array_equal(boxes[0], boxes[1])
+    assert not np.array_equal(rgb[..., 0], rgb[..., 2])          # colour, not a stacked gray
+    assert np.abs(rgb_to_gray(rgb).astype(int) - gray).max() <= 2
+
+
 # --------------------------------------------------------- tinted real faces: channel order, train, API
 @pytest.fixture(scope="module")
 def rgb_run(fer_dir, tmp_path_factory):

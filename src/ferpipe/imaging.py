@@ -48,8 +48,3 @@ def gray_images(images: np.ndarray) -> np.ndarray:
     What the landmarks and guide stages (and the recognizer's landmarks) see."""
     images = np.asarray(images)
     return rgb_to_gray(images) if images.ndim == 4 else images
-
-
-def is_rgb(images: np.ndarray) -> bool:
-    """Whether a packed image array [N, S, S, 3] holds RGB images (ingest.color rgb), not gray [N, S, S]."""
-    return np.ndim(images) == 4
