@@ -205,7 +205,8 @@ def test_channel_order_stays_rgb_from_the_file_to_the_batch(rgb_run):
     for ch in range(3):
         assert np.array_equal(g48[..., ch], resize_batch(images[..., ch], 48))
     # the batch: the image's R, G, B planes, then the guide
-    data = load_data(d / "split/split.csv", "soft", None, d / "gray48/images.h5", d / "guides", splits=("train", "test"))
+    data = load_data(d / "split/split.csv", "soft", None, d / "gray48/images.h5", d / "guides",
+                     splits=("train", "test"))
     assert data.spec.image_channels == 3 and data.spec.channels == 4 and data.pixels.shape[1:] == (4, 48, 48)
     (soft, soft_ids), _ = read(d / "guides/soft.h5", "images", "ids")
     rows = data.table["index"].to_numpy()

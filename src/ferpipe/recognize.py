@@ -174,7 +174,8 @@ def load_members(model=None, device: str | torch.device = "cpu") -> list[Member]
             raise RecognizeError(f"{m.path}: trained at other image sizes than {first.path}")
         if m.spec.image_channels != first.spec.image_channels:
             raise RecognizeError(f"{m.path}: trained on {m.spec.image_channels}-channel images, {first.path} on "
-                                 f"{first.spec.image_channels}-channel ones: an ensemble needs one colour (ingest.color)")
+                                 f"{first.spec.image_channels}-channel ones: an ensemble needs one colour "
+                                 "(ingest.color)")
     return members
 
 
@@ -288,7 +289,8 @@ class Recognizer:
         cascade run on the crops (their gray, as the stages), with the run's params."""
         crops = np.asarray(crops, np.uint8)
         if crops.ndim != 1 + len(self.crop_shape()) or crops.shape[1:] != self.crop_shape():
-            raise RecognizeError(f"crops must be uint8 [N, {', '.join(map(str, self.crop_shape()))}], got {crops.shape}")
+            shape = ", ".join(map(str, self.crop_shape()))
+            raise RecognizeError(f"crops must be uint8 [N, {shape}], got {crops.shape}")
         image = resize_batch(crops, self.gray48_size)
         gray = gray_images(image)
         landmarks: dict[tuple, np.ndarray] = {}

@@ -123,7 +123,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def crop_box(gray: np.ndarray, box) -> np.ndarray:
-    """Crop (x, y, w, h), clipped to the image; ImageError if nothing is left."""
+    """Crop (x, y, w, h) of a gray [H, W] or RGB [H, W, 3] image, clipped to it; ImageError if nothing is left."""
     try:
         x, y, w, h = (float(v) for v in box)
     except (TypeError, ValueError):
@@ -143,7 +143,8 @@ _VIDEO = {"path": None, "cap": None, "pos": 0}  # per process: the open video an
 
 
 def _video_frame(path: str, index: int, color: str = "gray") -> np.ndarray:
-    """Frame `index` of a video as uint8 gray (or RGB [H, W, 3]), read forward with OpenCV (exact, no keyframe seeking).
+    """Frame `index` of a video as uint8 gray (or RGB [H, W, 3]), read forward with OpenCV (exact, no
+    keyframe seeking).
 
     The capture stays open between calls, so reading a video's frames in order decodes it once.
     """
@@ -197,7 +198,7 @@ def decode_full(source, max_bytes: int | None = None, color: str = "gray") -> np
             with Image.open(f) as im:
                 im.load()  # decode now: truncation and corruption surface here, not later
                 im = ImageOps.exif_transpose(im)
-                gray = _to_rgb(im) if color == "rgb" else _to_gray(im)
+                image = _to_rgb(im) if color == "rgb" else _to_gray(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -208,9 +209,9 @@ def decode_full(source, max_bytes: int | None = None, color: str = "gray") -> np
         msg = str(e).split("\n")[0][:80]
         reason = "truncated image data" if "truncated" in msg.lower() else "corrupt image data"
         raise ImageError(f"{reason} ({msg})" if msg else reason) from None
-    if gray.size == 0:
+    if image.size == 0:
         raise ImageError("image has no pixels")
-    return gray
+    return image
 
 
 def decode_image(source, size: int, box=None, max_bytes: int | None = None, color: str = "gray") -> np.ndarray:
@@ -221,8 +222,8 @@ def decode_image(source, size: int, box=None, max_bytes: int | None = None, colo
     clipped to the image, and a box with nothing inside is an error. Raises ImageError(reason) for a
     missing, empty, truncated, corrupt or unrecognised file, or one larger than `max_bytes`.
     """
-    gray = decode_full(source, max_bytes, color)
-    return resize(crop_box(gray, box) if box is not None else gray, size)
+    image = decode_full(source, max_bytes, color)
+    return resize(crop_box(image, box) if box is not None else image, size)
 
 
 def decode_pixels(pixels: str, size: int, side: int = 48, color: str = "gray") -> np.ndarray:

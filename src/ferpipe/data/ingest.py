@@ -80,7 +80,8 @@ def _decode_chunk(task):
                 out[i] = decode_pixels(pixels, size, color=color) if pixels is not None \
                     else decode_image(source, size, box, max_bytes, color)
                 continue
-            image = decode_pixels(pixels, 48, color=color) if pixels is not None else decode_full(source, max_bytes, color)
+            image = decode_pixels(pixels, 48, color=color) if pixels is not None \
+                else decode_full(source, max_bytes, color)
             if box is not None:
                 image = crop_box(image, box)
             out[i], info = _face_crop(image, size, face_margin)
@@ -206,15 +207,16 @@ def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metr
 
     Writes out_images (HDF5: images [N,size,size] (rgb: [N,size,size,3], RGB order), ids [N]; attrs
     stage, size, format, path, root, classes, face_crop, face_margin, and color "rgb" for an RGB file:
-    a gray file has no color attr, so it is byte for byte what it was before RGB existed), out_manifest (kept rows in image order, no pixels column), out_rejects (always, header
-    even when empty), metrics_path (JSON counts) and sheet_path (contact sheet PNG; None/"" skips),
+    a gray file has no color attr, so it is byte for byte what it was before RGB existed),
+    out_manifest (kept rows in image order, no pixels column), out_rejects (always, header even when
+    empty), metrics_path (JSON counts) and sheet_path (contact sheet PNG; None/"" skips),
     as one output set. `options` are the reader's extra keywords (split, sort, ignore_missing,
     min_length, ...). Image files larger than max_file_mb (None/0: no limit) are rejected unread.
     face_crop: for photos (in-the-wild datasets, not FER-style crops): the largest face of each image
     is found, aligned by its landmarks and framed like FER-2013 (face_margin > 1 keeps more around it);
     the manifest records its box (FACE_COLUMNS) and an image without a face is a rejects row.
     Returns the metrics plus the wall time. Raises DatasetError (and writes nothing) when no row can
-    be used, ValueError for a size < 1.
+    be used, ValueError for a size < 1 or an unknown color.
     """
     if int(size) < 1:
         raise ValueError(f"ingest size must be >= 1 pixel, got {size}")

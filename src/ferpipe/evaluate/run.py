@@ -183,8 +183,9 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
     for (model, info), scale in zip(loaded, scales):
         spec = InputSpec.from_dict(info["meta"].get("input"))
         if spec.image_channels != data.spec.image_channels:
-            raise ValueError(f"the checkpoints in {models_dir} take {spec.image_channels}-channel images, {gray48} holds "
-                             f"{data.spec.image_channels}-channel ones (ingest.color changed since training? dvc repro)")
+            raise ValueError(f"the checkpoints in {models_dir} take {spec.image_channels}-channel images, {gray48} "
+                             f"holds {data.spec.image_channels}-channel ones (ingest.color changed since training? "
+                             "dvc repro)")
         probs += predict(model.to(device), data, rows, spec, prm["tta"], prm["tta_augment"], prm["seed"],
                          prm["batch_size"], scale, prm["tta_mode"])
     probs /= len(loaded)
