@@ -263,6 +263,9 @@ def test_rgb_model_finds_faces_on_gray_and_cuts_them_in_colour(rgb_run, tmp_path
     cut = align_face(skdata.astronaut(), on_gray[0].landmarks, 40, rec.margin)
     assert cut.shape == (40, 40, 3)
     assert np.allclose(rec.predict(cut[None])[0], [result.faces[0].probs[c] for c in rec.classes], atol=1e-6)
+    # an array in OpenCV's BGR order is the same photo: the same faces and probabilities
+    from_array = rec.recognize(skdata.astronaut()[..., ::-1].copy())
+    assert [f.probs for f in from_array.faces] == [f.probs for f in result.faces]
 
 
 def test_export_of_an_rgb_model_takes_three_channel_pixels(rgb_run, tmp_path):
