@@ -1,5 +1,6 @@
 """Stage gray48: resize the normalized images to size x size grayscale (params: gray48.size).
 
+Gray unless ingest.color=rgb: RGB images stay RGB (uint8 [N,size,size,3], each channel resized alike).
 Reads the ingest artifact, writes one packed HDF5 (images uint8 [N,size,size], ids) and a contact sheet.
 Command line: paths, plus -S KEY=VALUE with the full params.yaml key for this run only, as `dvc exp run -S`
 takes it (python stages/gray48.py -S gray48.size=64).

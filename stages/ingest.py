@@ -1,4 +1,4 @@
-"""Stage ingest: read a raw dataset, decode every image to size x size grayscale, pack it.
+"""Stage ingest: read a raw dataset, decode every image to size x size grayscale (or RGB), pack it.
 
 Formats (params: dataset.format, dataset.path, dataset.root):
   folder       Kaggle layout <path>/<split>/<class>/<image> (split: train, val, validation, test,
@@ -19,7 +19,9 @@ Writes one packed HDF5 (images uint8 [N,size,size], ids; attrs with the class li
 of kept rows (same order), the rejects table (every input not used, with the reason), count metrics
 and a contact sheet (a row of samples per class). Nothing is written if the dataset cannot be read.
 Params: ingest.size, ingest.workers (0 = every core), ingest.max_file_mb (larger image files are
-rejected unread; 0 = no limit). The dataset comes from the params section --section (default
+rejected unread; 0 = no limit), ingest.color (gray | rgb: rgb keeps colour, images uint8
+[N,size,size,3] in RGB order and attrs color=rgb; a gray image becomes three equal channels; the
+sequence ingest passes --color-param '' and stays gray). The dataset comes from the params section --section (default
 `dataset`; the sequence stages use `sequence.dataset`): format, path, root, and any option the
 format's reader takes (split, sort, ignore_missing, min_length, every, max_frames, labels,
 per_frame_labels, outside_root, ...). A reader option set with -S (-S dataset.split=val,
@@ -33,6 +35,7 @@ keeps more around it); its box goes into the manifest and an image without a fac
 Command line: paths, plus -S KEY=VALUE with the full params.yaml key for this run only, as `dvc exp run -S`
 takes it (python stages/ingest.py -S dataset.format=listfile -S dataset.path=train.txt -S ingest.size=96).
 """
+from ferpipe.data.decode import COLORS
 from ferpipe.data.ingest import run_ingest
 from ferpipe.data.readers import READERS, reader_options
 from ferpipe.params import add_set_option, keys_set_in, lookup, required, stage_params, whole_number
@@ -52,6 +55,9 @@ def parser():
     p.add_argument("--metrics", default="metrics/ingest.json", help="count metrics (JSON)")
     p.add_argument("--sheet", default="plots/sheets/ingest.png", help="contact sheet PNG ('' for none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--color-param", default="ingest.color",
+                   help="params key of the colour, gray | rgb ('' = gray: the sequence frames, whose CNN features "
+                        "and models take gray)")
     return p
 
 
@@ -59,7 +65,7 @@ def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
     params = stage_params(p, a.params, a.set, reads=(f"{a.section}.*", "ingest.size", "ingest.workers",
-                                                     "ingest.max_file_mb"))
+                                                     "ingest.max_file_mb", *([a.color_param] if a.color_param else [])))
     fmt = required(params, f"{a.section}.format", a.params)
     if fmt not in READERS:
         p.error(f"unknown dataset format {fmt!r}; known: {', '.join(sorted(READERS))}")
@@ -73,6 +79,9 @@ def main(argv=None):
     max_mb = prm.get("max_file_mb", 0)
     if not isinstance(max_mb, (int, float)) or max_mb < 0:
         p.error(f"ingest.max_file_mb must be >= 0 (0 = no limit), got {max_mb!r}")
+    color = lookup(params, a.color_param, "gray") if a.color_param else "gray"
+    if color not in COLORS:
+        p.error(f"{a.color_param} must be one of {', '.join(COLORS)}, got {color!r}")
     face_margin = ds.get("face_margin", 1.0)
     if not isinstance(face_margin, (int, float)) or face_margin <= 0:
         p.error(f"{a.section}.face_margin must be > 0, got {face_margin!r}")
@@ -80,7 +89,7 @@ def main(argv=None):
         fmt, required(params, f"{a.section}.path", a.params), ds.get("root", ""),
         a.out, a.manifest, a.rejects, a.metrics, a.sheet or None, size=size, workers=workers,
         options=options, progress=not a.quiet, max_file_mb=max_mb, face_crop=bool(ds.get("face_crop", False)),
-        face_margin=float(face_margin)))
+        face_margin=float(face_margin), color=color))
 
 
 if __name__ == "__main__":

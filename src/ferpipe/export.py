@@ -1,7 +1,8 @@
 """Export a ferpipe model for deployment: ONNX (checked with onnxruntime) or TorchScript.
 
 The exported graph is the whole inference step after the face crop: it takes float pixels in 0..255,
-[B, C, S, S] (C = 1, or 2 for guided models: the image and its guide map, as ferpipe makes them), at
+[B, C, S, S] (C = the image's channels, 1 gray or 3 RGB for a model trained with ingest.color rgb,
+plus 1 for guided models' guide map, as ferpipe makes them), at
 the model's size S, standardizes them with the training run's statistics, runs the network and
 returns class probabilities [B, classes]. The class names, the input spec and the preprocessing
 record travel inside the file (ONNX metadata_props; TorchScript extra files `ferpipe.json`).
@@ -42,10 +43,12 @@ class Deployable(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
         self.guided = spec.guide is not None
+        self.image_channels = int(spec.image_channels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels - self.mean) / self.std
-        logits = self.model(x[:, :1], x[:, 1:2]) if self.guided else self.model(x[:, :1])
+        k = self.image_channels
+        logits = self.model(x[:, :k], x[:, k:k + 1]) if self.guided else self.model(x[:, :k])
         return torch.softmax(logits, dim=1)
 
 

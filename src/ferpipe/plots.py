@@ -37,6 +37,12 @@ def grid(rows: list[np.ndarray], cell: int = 96, labels: list[str] | None = None
     return sheet
 
 
+def sheet_images(images: np.ndarray) -> np.ndarray:
+    """Packed images as ``grid`` draws them: gray [N, S, S] as they are, RGB [N, S, S, 3] turned to BGR."""
+    images = np.asarray(images)
+    return images[..., ::-1] if images.ndim == 4 else images
+
+
 def draw_points(img: np.ndarray, points: np.ndarray, cell: int = 96, color=(0, 255, 0)) -> np.ndarray:
     """Upscale a gray image to cell px and draw normalized (x, y) points on it."""
     big = cv2.cvtColor(cv2.resize(img, (cell, cell), interpolation=cv2.INTER_CUBIC), cv2.COLOR_GRAY2BGR)

@@ -19,6 +19,8 @@ FER-style crops (``crops=True``) the probabilities equal the evaluate stage's (t
 
 In photos, faces are found by ``ferpipe.faces.detect.FaceDetector`` and cut out framed like the
 FER-2013 crops (``align_face``). A photo with no face gives a result with no faces and the reason.
+A model trained on RGB images (ingest.color rgb: its meta["input"] image_channels 3) gets colour crops:
+the face is found and aligned on the gray as for gray models, and cut from the colour image.
 Tables use the column names users know from OpenFace / py-feat: input, frame, face_id, timestamp,
 success, confidence, FaceRectX/Y/Width/Height, x_0..x_67, y_0..y_67, label, probability, then one
 column per class; images and folders use frame 0, so one CSV reader serves every output.
@@ -41,14 +43,14 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ferpipe.data.decode import ImageError, decode_gray
-from ferpipe.imaging import resize, resize_batch
+from ferpipe.data.decode import ImageError, decode_full, decode_gray
+from ferpipe.imaging import gray_images, resize, resize_batch
 from ferpipe.evaluate.run import TTA_MODES, predict_pixels, select_checkpoints
 from ferpipe.faces.detect import FaceDetector, align_face
 from ferpipe.guides.maps import DEFAULT_PARAMS, make_guide
 from ferpipe.models.checkpoint import CheckpointError, load_checkpoint, regression_scale
 from ferpipe.models.inference import inference_model
-from ferpipe.models.inputs import InputSpec, normalize, split_channels
+from ferpipe.models.inputs import InputSpec, image_planes, normalize, split_channels
 from ferpipe.models.sequence import load_sequence_model
 from ferpipe.sequences.features import LayerTap
 from ferpipe.store import read_attrs, read_h5
@@ -170,6 +172,10 @@ def load_members(model=None, device: str | torch.device = "cpu") -> list[Member]
         if (m.preprocess["ingest_size"], m.preprocess["gray48_size"]) != \
                 (first.preprocess["ingest_size"], first.preprocess["gray48_size"]):
             raise RecognizeError(f"{m.path}: trained at other image sizes than {first.path}")
+        if m.spec.image_channels != first.spec.image_channels:
+            raise RecognizeError(f"{m.path}: trained on {m.spec.image_channels}-channel images, {first.path} on "
+                                 f"{first.spec.image_channels}-channel ones: an ensemble needs one colour "
+                                 "(ingest.color)")
     return members
 
 
@@ -201,16 +207,20 @@ def is_video(source) -> bool:
     return not isinstance(source, np.ndarray) and Path(source).suffix.lower() in VIDEO_SUFFIXES
 
 
-def to_gray(image: np.ndarray) -> np.ndarray:
-    """A numpy image -> uint8 gray [H, W]: 2-D as is; 3 or 4 channels are BGR(A), OpenCV's order."""
+def array_image(image: np.ndarray, color: str = "gray") -> np.ndarray:
+    """A numpy image -> uint8 gray [H, W] (color "rgb": RGB [H, W, 3]): 2-D is gray (three equal channels
+    for rgb); 3 or 4 channels are BGR(A), OpenCV's order."""
     a = np.asarray(image)
     if a.dtype != np.uint8:
         raise RecognizeError(f"array images must be uint8, got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
     if a.ndim == 2:
-        return a
-    if a.ndim == 3 and a.shape[2] in (1, 3, 4):
-        return a[..., 0] if a.shape[2] == 1 else cv2.cvtColor(
-            a, cv2.COLOR_BGR2GRAY if a.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+        return np.repeat(a[..., None], 3, axis=-1) if color == "rgb" else a
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        if color == "rgb":
+            return cv2.cvtColor(a, cv2.COLOR_BGR2RGB if a.shape[2] == 3 else cv2.COLOR_BGRA2RGB)
+        return cv2.cvtColor(a, cv2.COLOR_BGR2GRAY if a.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
     raise RecognizeError(f"array images must be [H, W] or [H, W, 3|4], got shape {a.shape}")
 
 
@@ -252,6 +262,8 @@ class Recognizer:
         # a model trained on ingest's face crops sees faces cut with that margin; else FER-2013's framing
         self.margin = float(margin if margin is not None else (pre.get("face_margin") or 1.0))
         self.ingest_size, self.gray48_size = int(pre["ingest_size"]), int(pre["gray48_size"])
+        # what the faces are cut from: the colour image for a model trained on RGB (ingest.color rgb)
+        self.color = "rgb" if self.members[0].spec.image_channels == 3 else "gray"
 
     @property
     def detector(self) -> FaceDetector:
@@ -265,30 +277,39 @@ class Recognizer:
         return f"Recognizer({'+'.join(names)}, {len(self.members)} checkpoint(s), {what}={self.classes})"
 
     # -- the network ---------------------------------------------------------------------------
+    def crop_shape(self) -> tuple[int, ...]:
+        """The shape of one face crop: (ingest_size, ingest_size), and 3 RGB channels for an RGB model."""
+        side = (self.ingest_size, self.ingest_size)
+        return (*side, 3) if self.color == "rgb" else side
+
     def model_inputs(self, crops: np.ndarray) -> list[np.ndarray]:
         """Each member's uint8 input pixels [N, C, S, S] for face crops [N, ingest_size, ingest_size]
-        (the ingest stage's output for these faces): the gray48 resize, and for guided and collage
-        models the maps made from the landmarks stage's cascade run on the crops, with the run's params."""
+        (RGB model: [N, ingest_size, ingest_size, 3]; the ingest stage's output for these faces): the
+        gray48 resize, and for guided and collage models the maps made from the landmarks stage's
+        cascade run on the crops (their gray, as the stages), with the run's params."""
         crops = np.asarray(crops, np.uint8)
-        if crops.ndim != 3 or crops.shape[1:] != (self.ingest_size, self.ingest_size):
-            raise RecognizeError(f"crops must be uint8 [N, {self.ingest_size}, {self.ingest_size}], got {crops.shape}")
-        gray = resize_batch(crops, self.gray48_size)
+        if crops.ndim != 1 + len(self.crop_shape()) or crops.shape[1:] != self.crop_shape():
+            shape = ", ".join(map(str, self.crop_shape()))
+            raise RecognizeError(f"crops must be uint8 [N, {shape}], got {crops.shape}")
+        image = resize_batch(crops, self.gray48_size)
+        gray = gray_images(image)
         landmarks: dict[tuple, np.ndarray] = {}
         out = []
         for m in self.members:
-            maps = {"gray48": gray}
+            maps = {"gray48": image}
             lm_cfg, lm = m.preprocess.get("landmarks"), None
             if lm_cfg and set(m.preprocess["guides"]) - {"saliency"}:
                 key = (int(lm_cfg["size"]), tuple(lm_cfg["passes"]))
                 if key not in landmarks:
                     from ferpipe.faces.landmarks import detect_landmarks
-                    found = detect_landmarks(crops, size=key[0], passes=key[1], workers=1, progress=False)
+                    found = detect_landmarks(gray_images(crops), size=key[0], passes=key[1], workers=1,
+                                             progress=False)
                     landmarks[key] = (found.points, found.found)
                 lm, lm_found = landmarks[key]
             for kind, prm in m.preprocess["guides"].items():
                 maps[kind] = make_guide(kind, gray, lm, found=None if lm is None else lm_found, **prm)
-            arrays = [maps[m.spec.image]] + ([maps[m.spec.guide]] if m.spec.guide else [])
-            out.append(np.ascontiguousarray(np.stack(arrays, axis=1)))
+            arrays = [image_planes(maps[m.spec.image])] + ([maps[m.spec.guide][:, None]] if m.spec.guide else [])
+            out.append(np.ascontiguousarray(np.concatenate(arrays, axis=1)))
         return out
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
@@ -309,17 +330,18 @@ class Recognizer:
             raise RecognizeError("a valence/arousal model has no class probabilities: use predict()")
         return self.predict(crops)
 
-    # -- faces in one gray image ---------------------------------------------------------------
-    def _faces(self, gray: np.ndarray, crops: bool) -> tuple[list[np.ndarray], list[tuple], str]:
-        """(crops at the ingest size, [(box, confidence, detector, landmarks)], reason when none)."""
-        h, w = gray.shape
+    # -- faces in one image (gray, or RGB for an RGB model) ------------------------------------
+    def _faces(self, image: np.ndarray, crops: bool) -> tuple[list[np.ndarray], list[tuple], str]:
+        """(crops at the ingest size, [(box, confidence, detector, landmarks)], reason when none).
+        Faces are found on the gray; an RGB image's crops are cut from its colours."""
+        h, w = image.shape[:2]
         if crops:
-            return [resize(gray, self.ingest_size)], [(np.array([0, 0, w, h], np.float32), float("nan"), "crop",
-                                                       None)], ""
-        faces = self.detector.detect(gray)
+            return [resize(image, self.ingest_size)], [(np.array([0, 0, w, h], np.float32), float("nan"), "crop",
+                                                        None)], ""
+        faces = self.detector.detect(gray_images(image[None])[0])
         if not faces:
             return [], [], "no face found"
-        cut = [align_face(gray, f.landmarks, self.ingest_size, self.margin) for f in faces]
+        cut = [align_face(image, f.landmarks, self.ingest_size, self.margin) for f in faces]
         return cut, [(f.box, f.confidence, f.method, f.landmarks) for f in faces], ""
 
     def _finish(self, results: list[Result], pending: list[tuple[int, tuple]], crops: list[np.ndarray]) -> None:
@@ -345,11 +367,12 @@ class Recognizer:
             r = Result(_name(source))
             results.append(r)
             try:
-                gray = to_gray(source) if isinstance(source, np.ndarray) else decode_gray(source)
+                image = array_image(source, self.color) if isinstance(source, np.ndarray) \
+                    else decode_full(source, color=self.color)
             except (ImageError, RecognizeError) as e:
                 r.reason, r.failed = str(e), True
                 continue
-            faces_cut, faces, r.reason = self._faces(gray, crops)
+            faces_cut, faces, r.reason = self._faces(image, crops)
             pending += [(len(results) - 1, f) for f in faces]
             cut += faces_cut
             if len(cut) >= self.batch_size:
@@ -409,8 +432,7 @@ class Recognizer:
                 if not ok or frame is None:
                     break
                 r = Result(path, frame=index, timestamp=index / fps if fps > 0 else float("nan"))
-                gray = to_gray(frame)
-                faces_cut, faces, r.reason = self._faces(gray, crops=False)
+                faces_cut, faces, r.reason = self._faces(array_image(frame, self.color), crops=False)
                 r.face_ids = tracker.update([f[0] for f in faces])
                 if keep_crops:
                     r.crops = faces_cut
@@ -539,7 +561,7 @@ class TrackLabeler:
         pixels = torch.from_numpy(self.cnn.model_inputs(crops)[0]).float().div_(255.0)
         tap = LayerTap(self.tap_model, self.layer)
         try:
-            x = tap(*split_channels(normalize(pixels, member.spec)))
+            x = tap(*split_channels(normalize(pixels, member.spec), member.spec.image_channels))
         finally:
             tap.close()
         if self.input_mean is not None:    # the model's own training statistics, on the raw features

@@ -1,4 +1,4 @@
-"""Decode one image file (or its bytes) to a size x size uint8 grayscale array.
+"""Decode one image file (or its bytes) to a size x size uint8 grayscale (or RGB) array.
 
 PIL does the decoding (jpg, png, bmp, tif, gif, webp, ...), cv2 the resizing. Every way an input can
 be unusable becomes an `ImageError` whose message is a short reason for the rejects table, so one bad
@@ -13,6 +13,8 @@ Choices worth knowing:
   * a file is checked before it is read: a regular file, not empty, at most `max_bytes` (the
     ingest.max_file_mb param); PIL reads the header to identify the format before decoding the rest;
   * colour -> gray with PIL's ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B);
+  * color "rgb" (ingest.color): uint8 [H, W, 3] in RGB order; a gray image becomes three equal
+    channels (16-bit and float images are scaled to gray first), alpha is composited on black alike;
   * a non-square image (or box) is resized whole to size x size, not padded or centre-cropped: the
     faces in these datasets are already crops, and AffectNet's boxes are the face;
   * resize: area interpolation when both sides shrink, cubic otherwise, no-op at the right size.
@@ -32,6 +34,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ferpipe.imaging import resize
+
+COLORS = ("gray", "rgb")  # ingest.color: what an image decodes to
 
 # what PIL raises on corrupt or truncated data, depending on the format plugin
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error,
@@ -103,15 +107,30 @@ def _to_gray(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3], RGB order: colour modes converted by PIL (alpha composited on
+    black), every other mode through ``_to_gray`` and stacked to three equal channels."""
+    mode = im.mode
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode in ("RGBA", "RGBa"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
+        return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)
+    if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(im.convert("RGB"))
+    return np.repeat(_to_gray(im)[..., None], 3, axis=-1)
+
+
 def crop_box(gray: np.ndarray, box) -> np.ndarray:
-    """Crop (x, y, w, h), clipped to the image; ImageError if nothing is left."""
+    """Crop (x, y, w, h) of a gray [H, W] or RGB [H, W, 3] image, clipped to it; ImageError if nothing is left."""
     try:
         x, y, w, h = (float(v) for v in box)
     except (TypeError, ValueError):
         raise ImageError(f"invalid face box {box!r}") from None
     if not all(np.isfinite([x, y, w, h])):
         raise ImageError(f"invalid face box {tuple(box)!r}")
-    H, W = gray.shape
+    H, W = gray.shape[:2]
     x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
     x1, y1 = min(W, int(round(x + w))), min(H, int(round(y + h)))
     if x1 <= x0 or y1 <= y0:
@@ -123,8 +142,9 @@ _VIDEO_FRAME = re.compile(r"^(.*)#frame=(\d+)$")
 _VIDEO = {"path": None, "cap": None, "pos": 0}  # per process: the open video and its next frame
 
 
-def _video_frame(path: str, index: int) -> np.ndarray:
-    """Frame `index` of a video as uint8 gray, read forward with OpenCV (exact, no keyframe seeking).
+def _video_frame(path: str, index: int, color: str = "gray") -> np.ndarray:
+    """Frame `index` of a video as uint8 gray (or RGB [H, W, 3]), read forward with OpenCV (exact, no
+    keyframe seeking).
 
     The capture stays open between calls, so reading a video's frames in order decodes it once.
     """
@@ -149,26 +169,36 @@ def _video_frame(path: str, index: int) -> np.ndarray:
         v["pos"] = float("inf")  # reopen on the next call
         raise ImageError(f"video frame {index} does not decode")
     v["pos"] += 1
+    if color == "rgb":
+        return np.repeat(frame[..., None], 3, axis=-1) if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
     return frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
 
 
 def decode_gray(source, max_bytes: int | None = None) -> np.ndarray:
+    """``decode_full`` to gray: uint8 [H, W]."""
+    return decode_full(source, max_bytes, "gray")
+
+
+def decode_full(source, max_bytes: int | None = None, color: str = "gray") -> np.ndarray:
     """Decode a path or the bytes of an image to full-resolution uint8 gray [H, W] (EXIF orientation
-    applied, alpha on black, 16-bit/float scaled as the module docstring says). Raises ImageError(reason).
+    applied, alpha on black, 16-bit/float scaled as the module docstring says), or with color "rgb"
+    to uint8 [H, W, 3] in RGB order. Raises ImageError(reason).
     A source "<video>#frame=<n>" (the video reader's rows) is frame n of that video, decoded with OpenCV.
     A file larger than `max_bytes` is rejected before it is read (videos are not limited: they are
     read frame by frame).
     """
+    if color not in COLORS:
+        raise ValueError(f"ingest.color must be one of {', '.join(COLORS)}, got {color!r}")
     if isinstance(source, (str, os.PathLike)) and (m := _VIDEO_FRAME.match(str(source))) \
             and not os.path.exists(source):
-        return _video_frame(m.group(1), int(m.group(2)))
+        return _video_frame(m.group(1), int(m.group(2)), color)
     try:
         with warnings.catch_warnings(), _open_source(source, max_bytes) as f:
             warnings.simplefilter("ignore")  # PIL warns on odd metadata (EXIF, palette) it copes with
             with Image.open(f) as im:
                 im.load()  # decode now: truncation and corruption surface here, not later
                 im = ImageOps.exif_transpose(im)
-                gray = _to_gray(im)
+                image = _to_rgb(im) if color == "rgb" else _to_gray(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -179,26 +209,28 @@ def decode_gray(source, max_bytes: int | None = None) -> np.ndarray:
         msg = str(e).split("\n")[0][:80]
         reason = "truncated image data" if "truncated" in msg.lower() else "corrupt image data"
         raise ImageError(f"{reason} ({msg})" if msg else reason) from None
-    if gray.size == 0:
+    if image.size == 0:
         raise ImageError("image has no pixels")
-    return gray
+    return image
 
 
-def decode_image(source, size: int, box=None, max_bytes: int | None = None) -> np.ndarray:
-    """Decode a path or the bytes of an image (``decode_gray``) to uint8 [size, size] grayscale.
+def decode_image(source, size: int, box=None, max_bytes: int | None = None, color: str = "gray") -> np.ndarray:
+    """Decode a path or the bytes of an image (``decode_full``) to uint8 [size, size] grayscale, or
+    with color "rgb" to [size, size, 3] in RGB order.
 
     `box` = (x, y, w, h) in pixels of the (orientation-corrected) image crops before resizing; it is
     clipped to the image, and a box with nothing inside is an error. Raises ImageError(reason) for a
     missing, empty, truncated, corrupt or unrecognised file, or one larger than `max_bytes`.
     """
-    gray = decode_gray(source, max_bytes)
-    return resize(crop_box(gray, box) if box is not None else gray, size)
+    image = decode_full(source, max_bytes, color)
+    return resize(crop_box(image, box) if box is not None else image, size)
 
 
-def decode_pixels(pixels: str, size: int, side: int = 48) -> np.ndarray:
-    """A fer2013.csv pixel string (side*side integers 0..255, space separated) -> uint8 [size, size]."""
-    a = parse_pixels(pixels, side * side)
-    return resize(a.reshape(side, side), size)
+def decode_pixels(pixels: str, size: int, side: int = 48, color: str = "gray") -> np.ndarray:
+    """A fer2013.csv pixel string (side*side integers 0..255, space separated) -> uint8 [size, size]
+    (color "rgb": [size, size, 3], three equal channels)."""
+    a = resize(parse_pixels(pixels, side * side).reshape(side, side), size)
+    return np.repeat(a[..., None], 3, axis=-1) if color == "rgb" else a
 
 
 def parse_pixels(pixels: str, count: int = 2304) -> np.ndarray:

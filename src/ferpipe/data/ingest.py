@@ -1,4 +1,6 @@
-"""The ingest stage: any supported dataset -> one packed HDF5 of size x size grayscale images.
+"""The ingest stage: any supported dataset -> one packed HDF5 of size x size grayscale images
+(uint8 [N, S, S]), or with color "rgb" (ingest.color) of RGB images (uint8 [N, S, S, 3], RGB order;
+attrs color records which: a file without it is gray, as every file written before it existed).
 
 read_dataset gives the manifest; a process pool decodes it in chunks (workers get paths or pixel
 strings and send back one uint8 block per chunk, so per-image overhead stays at the decode itself);
@@ -23,11 +25,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ferpipe.data.decode import ImageError, crop_box, decode_gray, decode_image, decode_pixels
+from ferpipe.data.decode import COLORS, ImageError, crop_box, decode_full, decode_image, decode_pixels
 from ferpipe.data.labels import class_list
 from ferpipe.data.readers import READERS, REJECT_COLUMNS, DatasetError, read_dataset
+from ferpipe.imaging import gray_images
 from ferpipe.params import workers as worker_count
-from ferpipe.plots import grid, sample_indices, write_png
+from ferpipe.plots import grid, sample_indices, sheet_images, write_png
 from ferpipe.pool import spawn_pool
 from ferpipe.store import h5_writer, write_csv, write_json, writes
 
@@ -43,37 +46,45 @@ def _init_worker():
     cv2.setNumThreads(1)  # one process per core already; cv2's own threads would only contend
 
 
-def _face_crop(gray: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, tuple]:
-    """The largest face of a photo, aligned and framed like FER-2013 (ferpipe.faces.detect), and its
-    box (x0, y0, x1, y1), detector pass and score. ImageError when no face is found."""
+def _face_crop(image: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, tuple]:
+    """The largest face of a photo (gray [H, W] or RGB [H, W, 3]), aligned and framed like FER-2013
+    (ferpipe.faces.detect; found on the gray, cut from the image in its colours), and its box
+    (x0, y0, x1, y1), detector pass and score. ImageError when no face is found."""
     global _DETECTOR
     from ferpipe.faces.detect import FaceDetector, align_face
 
     if _DETECTOR is None:
         _DETECTOR = FaceDetector()
-    faces = _DETECTOR.detect(gray)
+    faces = _DETECTOR.detect(gray_images(image[None])[0])
     if not faces:
         raise ImageError("no face found (ingest.face_crop)")
     f = faces[0]
-    return align_face(gray, f.landmarks, size, margin), (*(float(v) for v in f.box), f.method, float(f.confidence))
+    return align_face(image, f.landmarks, size, margin), (*(float(v) for v in f.box), f.method, float(f.confidence))
+
+
+def image_shape(size: int, color: str = "gray") -> tuple[int, ...]:
+    """The shape of one packed image: (size, size), or (size, size, 3) for color rgb."""
+    return (size, size, 3) if color == "rgb" else (size, size)
 
 
 def _decode_chunk(task):
-    """(size, max_bytes, face_margin | None, [(pixels | None, source, box | None), ...]) ->
-    (uint8 [k, size, size], [(i, reason)], [(i, face info)]): with a face margin, the largest face of
-    each image is found, aligned and cropped (face info: FACE_COLUMNS)."""
-    size, max_bytes, face_margin, items = task
-    out = np.zeros((len(items), size, size), np.uint8)
+    """(size, max_bytes, face_margin | None, color, [(pixels | None, source, box | None), ...]) ->
+    (uint8 [k, size, size] (rgb: [k, size, size, 3]), [(i, reason)], [(i, face info)]): with a face
+    margin, the largest face of each image is found, aligned and cropped (face info: FACE_COLUMNS)."""
+    size, max_bytes, face_margin, color, items = task
+    out = np.zeros((len(items), *image_shape(size, color)), np.uint8)
     errors, faces = [], []
     for i, (pixels, source, box) in enumerate(items):
         try:
             if face_margin is None:
-                out[i] = decode_pixels(pixels, size) if pixels is not None else decode_image(source, size, box, max_bytes)
+                out[i] = decode_pixels(pixels, size, color=color) if pixels is not None \
+                    else decode_image(source, size, box, max_bytes, color)
                 continue
-            gray = decode_pixels(pixels, 48) if pixels is not None else decode_gray(source, max_bytes)
+            image = decode_pixels(pixels, 48, color=color) if pixels is not None \
+                else decode_full(source, max_bytes, color)
             if box is not None:
-                gray = crop_box(gray, box)
-            out[i], info = _face_crop(gray, size, face_margin)
+                image = crop_box(image, box)
+            out[i], info = _face_crop(image, size, face_margin)
             faces.append((i, info))
         except ValueError as e:  # ImageError, and anything else a decoder raises as bad data
             errors.append((i, str(e)))
@@ -93,8 +104,9 @@ def _items(manifest: pd.DataFrame) -> list[tuple]:
 
 
 def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bool = True,
-               max_bytes: int | None = None, face_margin: float | None = None, sink=None):
-    """Decode every manifest row -> (images uint8 [N, size, size], ok bool [N], reasons {row: str}).
+               max_bytes: int | None = None, face_margin: float | None = None, sink=None, color: str = "gray"):
+    """Decode every manifest row -> (images uint8 [N, size, size] (color rgb: [N, size, size, 3]),
+    ok bool [N], reasons {row: str}).
     Files larger than max_bytes are rejected unread. With face_margin, each image becomes its largest
     face (see _face_crop) and the manifest gains the FACE_COLUMNS (in place). With `sink`, the rows
     that decoded are handed to ``sink(block)`` chunk by chunk, in row order, instead of being kept
@@ -104,10 +116,10 @@ def decode_all(manifest: pd.DataFrame, size: int, workers: int = 0, progress: bo
     nproc = worker_count(workers)
     # small datasets: smaller chunks so every worker gets some
     chunk = max(1, min(CHUNK, math.ceil(n / (4 * nproc)))) if n else 1
-    tasks = [(size, max_bytes, face_margin, items[i:i + chunk]) for i in range(0, n, chunk)]
+    tasks = [(size, max_bytes, face_margin, color, items[i:i + chunk]) for i in range(0, n, chunk)]
     face_info: dict[int, tuple] = {}
     nproc = min(nproc, len(tasks)) or 1
-    images = np.zeros((n, size, size), np.uint8) if sink is None else None
+    images = np.zeros((n, *image_shape(size, color)), np.uint8) if sink is None else None
     ok = np.ones(n, bool)
     reasons = {}
     bar = tqdm(total=n, unit="img", desc="ingest", disable=None if progress else True)
@@ -147,11 +159,11 @@ def _summary(reasons) -> str:
 
 def contact_sheet(read_rows, labels: np.ndarray, classes: list[str]) -> np.ndarray:
     """One row of samples per class, labelled "<class> <count>"; one unlabelled row if no classes.
-    `read_rows(indices)` gives the images (uint8 [k, S, S]) of those rows."""
+    `read_rows(indices)` gives the images (uint8 [k, S, S], or RGB [k, S, S, 3]) of those rows."""
     rows, names = [], []
     groups = [(c, np.flatnonzero(labels == c)) for c in classes] or [("all", np.arange(len(labels)))]
     for name, idx in groups:
-        rows.append(read_rows(idx[sample_indices(len(idx), SHEET_PER_CLASS)]))
+        rows.append(sheet_images(read_rows(idx[sample_indices(len(idx), SHEET_PER_CLASS)])))
         names.append(f"{name} {len(idx)}")
     return grid(rows, cell=64, labels=names)
 
@@ -188,22 +200,28 @@ def _min_length(fmt: str, options: dict) -> int:
 @writes("out_images", "out_manifest", "out_rejects", "metrics_path", "sheet_path")
 def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metrics_path, sheet_path,
                size: int = 48, workers: int = 0, options: dict | None = None, progress: bool = True,
-               max_file_mb: float | None = None, face_crop: bool = False, face_margin: float = 1.0) -> dict:
-    """Read a dataset, decode it to size x size uint8 gray, write the packed images and tables.
+               max_file_mb: float | None = None, face_crop: bool = False, face_margin: float = 1.0,
+               color: str = "gray") -> dict:
+    """Read a dataset, decode it to size x size uint8 gray (color "rgb": RGB), write the packed images
+    and tables.
 
-    Writes out_images (HDF5: images [N,size,size], ids [N]; attrs stage, size, format, path, root,
-    classes), out_manifest (kept rows in image order, no pixels column), out_rejects (always, header
-    even when empty), metrics_path (JSON counts) and sheet_path (contact sheet PNG; None/"" skips),
+    Writes out_images (HDF5: images [N,size,size] (rgb: [N,size,size,3], RGB order), ids [N]; attrs
+    stage, size, format, path, root, classes, face_crop, face_margin, and color "rgb" for an RGB file:
+    a gray file has no color attr, so it is byte for byte what it was before RGB existed),
+    out_manifest (kept rows in image order, no pixels column), out_rejects (always, header even when
+    empty), metrics_path (JSON counts) and sheet_path (contact sheet PNG; None/"" skips),
     as one output set. `options` are the reader's extra keywords (split, sort, ignore_missing,
     min_length, ...). Image files larger than max_file_mb (None/0: no limit) are rejected unread.
     face_crop: for photos (in-the-wild datasets, not FER-style crops): the largest face of each image
     is found, aligned by its landmarks and framed like FER-2013 (face_margin > 1 keeps more around it);
     the manifest records its box (FACE_COLUMNS) and an image without a face is a rejects row.
     Returns the metrics plus the wall time. Raises DatasetError (and writes nothing) when no row can
-    be used, ValueError for a size < 1.
+    be used, ValueError for a size < 1 or an unknown color.
     """
     if int(size) < 1:
         raise ValueError(f"ingest size must be >= 1 pixel, got {size}")
+    if color not in COLORS:
+        raise ValueError(f"ingest.color must be one of {', '.join(COLORS)}, got {color!r}")
     if face_crop and not float(face_margin) > 0:
         raise ValueError(f"ingest face_margin must be > 0, got {face_margin}")
     t0 = time.perf_counter()
@@ -215,7 +233,7 @@ def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metr
     with h5_writer(out_images) as out:
         _, ok, reasons = decode_all(manifest, size, workers, progress, max_bytes,
                                     float(face_margin) if face_crop else None,
-                                    sink=lambda block: out.append("images", block))
+                                    sink=lambda block: out.append("images", block), color=color)
         decoded = ok.copy()
         check_sequences(manifest, ok, reasons, _min_length(fmt, options))
         if not ok.any():
@@ -240,7 +258,7 @@ def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metr
         sheet = contact_sheet(lambda rows: out.read("images", rows), labels, classes) if sheet_path else None
         out.attrs.update({"stage": "ingest", "size": int(size), "format": fmt, "path": str(path),
                           "root": str(root or ""), "classes": classes, "face_crop": bool(face_crop),
-                          "face_margin": float(face_margin)})
+                          "face_margin": float(face_margin), **({"color": "rgb"} if color == "rgb" else {})})
         out.write("ids", kept["id"].to_numpy().astype(str))
     write_csv(out_manifest, kept.drop(columns=["pixels"], errors="ignore"))
     write_csv(out_rejects, rejects)

@@ -2,7 +2,8 @@
 
 No DataLoader and no file per item: the image array (gray48, or the patches/weighted collage) and,
 for guided models, the guide map are read from their HDF5 files once, stacked as channels
-[N, C, S, S] (channel 0 = the image, channel 1 = the guide) and kept as uint8 on the training
+[N, C, S, S] (the image's channels first: 1 gray, or R, G, B under ingest.color rgb; then the
+guide) and kept as uint8 on the training
 device. A batch is ``data.batch(index_tensor)``: a gather, a float conversion (/255), the batched
 augmentation (``ferpipe.data.augment``) and the per-channel standardization, all on the device.
 The train stage loads the train and test rows, the evaluate stage the test rows only.
@@ -36,7 +37,7 @@ import pandas as pd
 import torch
 
 from ferpipe.models import MODEL_SPECS
-from ferpipe.models.inputs import InputSpec, model_size, normalize, split_channels
+from ferpipe.models.inputs import InputSpec, image_planes, model_size, normalize, split_channels
 from ferpipe.store import BLOCK_BYTES, open_h5, read_attrs, read_rows
 
 
@@ -117,9 +118,15 @@ def memory_budget(memory_gb: float = 0, device: str | torch.device = "cpu") -> i
     return int(budget)
 
 
+def channels_of(shape: tuple) -> int:
+    """The channels of a packed image array of this shape: [N, S, S] 1, RGB [N, S, S, 3] 3."""
+    return 1 if len(shape) == 3 else int(shape[3])
+
+
 class DiskPixels:
-    """The uint8 pixels [N, C, S, S] of a run left in their HDF5 files: channel c is dataset
-    ``images`` of ``paths[c]``, row i is file row ``file_rows[i]``. It stands for the in-memory
+    """The uint8 pixels [N, C, S, S] of a run left in their HDF5 files: the channels of dataset
+    ``images`` of ``paths[0]`` (1 gray, 3 RGB), then those of ``paths[1]`` ...; row i is file row
+    ``file_rows[i]``. It stands for the in-memory
     tensor: ``pixels[rows]`` / ``pixels[rows, channel]`` read those rows (``read_rows``: each
     distinct row once, in file order) and give a uint8 tensor on its device."""
 
@@ -130,10 +137,11 @@ class DiskPixels:
         self._files = [open_h5(p) for p in self.paths]
         arrays = [f["images"] for f in self._files]
         for path, ds in zip(self.paths[1:], arrays[1:]):
-            if ds.shape[1:] != arrays[0].shape[1:]:
-                raise ValueError(f"{path} is {ds.shape[1:]}, {self.paths[0]} is {arrays[0].shape[1:]}")
+            if ds.shape[1:3] != arrays[0].shape[1:3]:
+                raise ValueError(f"{path} is {ds.shape[1:3]}, {self.paths[0]} is {arrays[0].shape[1:3]}")
         self._arrays = arrays
-        self.shape = (len(self.file_rows), len(arrays), *arrays[0].shape[1:])
+        self.file_channels = [channels_of(ds.shape) for ds in arrays]
+        self.shape = (len(self.file_rows), sum(self.file_channels), *arrays[0].shape[1:3])
         self.dtype = torch.uint8
 
     def __len__(self) -> int:
@@ -150,8 +158,10 @@ class DiskPixels:
         """uint8 [len(rows), C, S, S]: these rows (any order, repeats allowed)."""
         file_rows = self.file_rows[np.asarray(rows, np.int64)]
         out = np.empty((len(file_rows), *self.shape[1:]), np.uint8)
-        for c, ds in enumerate(self._arrays):
-            out[:, c] = read_rows(ds, file_rows)
+        c = 0
+        for ds, k in zip(self._arrays, self.file_channels):
+            out[:, c:c + k] = image_planes(read_rows(ds, file_rows))
+            c += k
         return out
 
     def load(self) -> np.ndarray:
@@ -282,7 +292,7 @@ class TensorData:
         x = self.pixels[idx].float().div_(255.0)
         if augment is not None:
             x = augment(x)
-        image, guide = split_channels(normalize(x, self.spec))
+        image, guide = split_channels(normalize(x, self.spec), self.spec.image_channels)
         y = self.targets[idx]
         if self.regression:
             y = (y - self.target_mean) / self.target_std
@@ -302,11 +312,11 @@ def load_data(split_csv: str | os.PathLike, model: str, model_kwargs: dict | Non
     if table.empty:
         raise ValueError(f"{split_csv}: no rows with split in {list(splits)}")
     ms = MODEL_SPECS[model]
-    channels = 1 if ms["guide"] is None else 2
+    check_guides_found_faces(InputSpec(image=ms["image"], guide=ms["guide"]), guides_dir)
+    disk = open_pixels(table, ms["image"], ms["guide"], gray48, guides_dir)
     spec = InputSpec(image=ms["image"], guide=ms["guide"], size=model_size(model, model_kwargs),
-                     mean=[0.0] * channels, std=[1.0] * channels)
-    check_guides_found_faces(spec, guides_dir)
-    disk = open_pixels(table, spec.image, spec.guide, gray48, guides_dir)
+                     mean=[0.0] * disk.shape[1], std=[1.0] * disk.shape[1],
+                     image_channels=disk.file_channels[0])   # 3: the RGB images of ingest.color rgb
     budget = memory_budget(memory_gb, device)
     if disk.nbytes <= budget:
         pixels = disk.load()

@@ -118,12 +118,12 @@ def predict_pixels(model: torch.nn.Module, pixels: torch.Tensor, spec: InputSpec
         x = chunk.float().div_(255.0)
         if tta_mode == "tencrop":
             views = ten_crops(x)
-            p = sum(act(model(*split_channels(normalize(v, spec))).float()) for v in views)
+            p = sum(act(model(*split_channels(normalize(v, spec), spec.image_channels)).float()) for v in views)
             out.append((p / len(views)).cpu())
             continue
-        p = act(model(*split_channels(normalize(x, spec))).float())
+        p = act(model(*split_channels(normalize(x, spec), spec.image_channels)).float())
         for _ in range(int(tta)):
-            p += act(model(*split_channels(normalize(aug(x), spec))).float())
+            p += act(model(*split_channels(normalize(aug(x), spec), spec.image_channels)).float())
         out.append((p / (1 + int(tta))).cpu())
     result = torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
     if scale is not None and len(result):
@@ -182,6 +182,10 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
     probs = np.zeros((len(rows), len(classes)))
     for (model, info), scale in zip(loaded, scales):
         spec = InputSpec.from_dict(info["meta"].get("input"))
+        if spec.image_channels != data.spec.image_channels:
+            raise ValueError(f"the checkpoints in {models_dir} take {spec.image_channels}-channel images, {gray48} "
+                             f"holds {data.spec.image_channels}-channel ones (ingest.color changed since training? "
+                             "dvc repro)")
         probs += predict(model.to(device), data, rows, spec, prm["tta"], prm["tta_augment"], prm["seed"],
                          prm["batch_size"], scale, prm["tta_mode"])
     probs /= len(loaded)

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ferpipe.imaging import resize_batch
+from ferpipe.imaging import gray_images, resize_batch
 from ferpipe.faces.models import dlib_model
 from ferpipe.pool import spawn_pool
 from ferpipe.store import writes
@@ -212,7 +212,8 @@ def detect_landmarks(images: np.ndarray, size: int = 96, passes=PASSES, workers:
 def run_landmarks(images_path: str, out_path: str, metrics_path: str | None, sheet_path: str | None,
                   size: int = 96, passes=PASSES, workers: int = 0, chunk: int = 256) -> dict:
     """The landmarks stage: read normalized images, write landmarks.h5, metrics and a contact sheet
-    (one output set: a failed or killed run leaves the previous three as they were)."""
+    (one output set: a failed or killed run leaves the previous three as they were). RGB images
+    (ingest.color rgb) are searched in their gray (``ferpipe.imaging.gray_images``)."""
     if int(size) < 1 or int(chunk) < 1:
         raise ValueError(f"landmarks size and chunk must be >= 1, got {size} and {chunk}")
     from ferpipe.params import workers as n_workers
@@ -220,6 +221,7 @@ def run_landmarks(images_path: str, out_path: str, metrics_path: str | None, she
     from ferpipe.store import read_h5, write_h5, write_json
 
     data = read_h5(images_path, ["images", "ids"])
+    data["images"] = gray_images(data["images"])
     lm = detect_landmarks(data["images"], size=size, passes=passes, workers=n_workers(workers), chunk=chunk)
     write_h5(out_path, {"landmarks": lm.points, "found": lm.found, "method": lm.method,
                         "confidence": lm.confidence, "box": lm.box, "ids": data["ids"]},

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from ferpipe.faces.draw import draw_regions_batch
+from ferpipe.imaging import gray_images
 from ferpipe.plots import draw_points, grid, sample_indices, write_png
 from ferpipe.store import read_attrs, read_h5, write_h5, writes
 
@@ -248,6 +249,8 @@ def make_guide(kind: str, images: np.ndarray, landmarks: np.ndarray | None, **pa
 def run_guide(kind: str, images_path: str, landmarks_path: str | None, out_path: str,
               sheet_path: str | None = None, **params) -> dict:
     """Stage guide_<kind>: gray48 images + landmarks -> one packed guide artifact and a contact sheet.
+    RGB gray48 images (ingest.color rgb) are made gray first (``ferpipe.imaging.gray_images``): maps
+    and collages are gray.
 
     Writes out_path atomically (images uint8 [N,S,S] = the map or collage, ids, found copied from the
     landmarks file; attrs stage="guide", kind, size and the params) and, if sheet_path, a contact
@@ -255,7 +258,7 @@ def run_guide(kind: str, images_path: str, landmarks_path: str | None, out_path:
     """
     prm = resolve_params(kind, params)
     data = read_h5(images_path, ["images", "ids"])
-    images, ids = _check_images(data["images"]), data["ids"]
+    images, ids = _check_images(gray_images(data["images"])), data["ids"]
     lm = found = None
     made_with = {}  # how the landmarks were made: inference repeats it (ferpipe.recognize)
     if landmarks_path is not None:

@@ -86,8 +86,10 @@ def build_model(name: str, num_classes: int, **kw: Any) -> nn.Module:
     """Build a registry model. Extra keywords go to its constructor:
 
     SimpleCNN/STN: ``in_size``, ``dropout`` (STN also ``theta_bound``); RMN: ``in_size``, ``in_channels``, ``stem``,
-    ``mask_depths``, ``dropout``, ``weights_path``; resnet18: ``weights_path``, ``in_channels``;
-    vgg: ``width``, ``blocks``, ``dropout``, ``in_channels``; zoo models: ``in_size``, ``weights_path``.
+    ``mask_depths``, ``dropout``, ``weights_path``; resnet18: ``weights_path``, ``in_channels``, ``in_size``;
+    vgg: ``width``, ``blocks``, ``dropout``, ``in_channels``; zoo models: ``in_size``, ``weights_path``,
+    ``in_channels``. SimpleCNN/STN take ``in_channels`` too: every registry model takes 3 (RGB, ingest.color
+    rgb), the training stage passes it for RGB runs.
     """
     if name not in MODEL_SPECS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")

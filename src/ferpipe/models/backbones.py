@@ -204,8 +204,11 @@ class GrayResNet(GrayInput, torchvision.models.ResNet):
 
 
 def resnet18(num_classes: int, weights_path: str | os.PathLike | None = None,
-             in_channels: int = 1) -> GrayResNet:
-    """ResNet-18 for 48x48 grayscale: conv1 3x3 stride 1 (``in_channels`` in), no max-pool.
+             in_channels: int = 1, in_size: int = 48) -> GrayResNet:
+    """ResNet-18 for 48x48 grayscale: conv1 3x3 stride 1 (``in_channels`` in: 3 for RGB), no max-pool.
+
+    ``in_size``: the side training resizes the batches to (the Emotion SDK recipe: 100); the network
+    pools adaptively, so it does not change with it.
 
     ``weights_path``: a local state_dict (e.g. torchvision's ImageNet resnet18, 3-channel 7x7
     conv1, 1000 classes): conv1 is adapted and a head of another size skipped, see ``load_weights``.
@@ -215,6 +218,7 @@ def resnet18(num_classes: int, weights_path: str | os.PathLike | None = None,
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     model.num_classes = int(num_classes)
+    model.in_size = int(in_size)
     if weights_path is not None:
         load_weights(model, weights_path)
     return model

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 STN_MODES = ("original", "guided")
 
 
-def _check_image(name: str, x: torch.Tensor, in_size: int) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 1:
+def _check_image(name: str, x: torch.Tensor, in_size: int, channels: int = 1) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a float tensor [B, 1, {in_size}, {in_size}], got {shape}")
+        raise ValueError(f"{name} must be a float tensor [B, {channels}, {in_size}, {in_size}], got {shape}")
     if tuple(x.shape[-2:]) != (in_size, in_size):
         raise ValueError(
             f"{name} must be {in_size}x{in_size} (the model was built with in_size={in_size}), "
@@ -52,8 +52,9 @@ def _check_image(name: str, x: torch.Tensor, in_size: int) -> None:
 class SimpleCNN(nn.Module):
     """The Deep-Emotion classifier ("Simple-CNN", registry name ``baseline``).
 
-    ``forward(x, guide=None)``: x is [B, 1, in_size, in_size] float; ``guide`` is accepted and
-    ignored, so every registry model is called the same way. Returns logits [B, num_classes].
+    ``forward(x, guide=None)``: x is [B, in_channels, in_size, in_size] float (1 gray, 3 RGB);
+    ``guide`` is accepted and ignored, so every registry model is called the same way. Returns logits
+    [B, num_classes].
     """
 
     head_path = "fc2"
@@ -66,7 +67,8 @@ class SimpleCNN(nn.Module):
         if side < 1:
             raise ValueError(f"in_size={in_size} is too small for SimpleCNN (needs >= 14)")
         self.features_dim = 10 * side * side
-        self.conv1 = nn.Conv2d(int(in_channels), 10, kernel_size=3)
+        self.in_channels = int(in_channels)
+        self.conv1 = nn.Conv2d(self.in_channels, 10, kernel_size=3)
         self.conv2 = nn.Conv2d(10, 10, kernel_size=3)
         self.pool2 = nn.MaxPool2d(2, 2)
         self.conv3 = nn.Conv2d(10, 10, kernel_size=3)
@@ -85,7 +87,7 @@ class SimpleCNN(nn.Module):
         return F.relu(self.pool4(self.norm(self.conv4(x))))
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
-        _check_image("image", x, self.in_size)
+        _check_image("image", x, self.in_size, self.in_channels)
         x = self.dropout(self.trunk(x))
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))
@@ -93,12 +95,12 @@ class SimpleCNN(nn.Module):
 
 
 class Localization(nn.Module):
-    """The STN localization net: [B, 1, in_size, in_size] -> theta [B, 2, 3].
+    """The STN localization net: [B, in_channels, in_size, in_size] -> theta [B, 2, 3].
 
     Its last layer (``fc_loc[2]``) starts at zero weights and the identity affine bias.
     """
 
-    def __init__(self, in_size: int = 48, bound: float = 0.0):
+    def __init__(self, in_size: int = 48, bound: float = 0.0, in_channels: int = 1):
         super().__init__()
         self.in_size = int(in_size)
         if bound < 0:
@@ -109,7 +111,7 @@ class Localization(nn.Module):
             raise ValueError(f"in_size={in_size} is too small for Localization (needs >= 20)")
         self.features_dim = 10 * side * side
         self.features = nn.Sequential(
-            nn.Conv2d(1, 8, kernel_size=7),
+            nn.Conv2d(int(in_channels), 8, kernel_size=7),
             nn.MaxPool2d(2, 2),
             nn.ReLU(inplace=True),
             nn.Conv2d(8, 10, kernel_size=5),
@@ -158,23 +160,27 @@ class STN(nn.Module):
 
     Sampling: ``affine_grid`` + ``grid_sample``, bilinear, zero padding, ``align_corners=False``.
     ``theta_bound``: see ``Localization`` (0 = unbounded, Guided-ST; training sets train.stn_bound).
+    ``in_channels``: the image's (1 gray, 3 RGB); a guide map has one channel.
     """
 
     head_path = "classifier.fc2"
 
     def __init__(self, num_classes: int, mode: str = "original", in_size: int = 48, dropout: float = 0.5,
-                 theta_bound: float = 0.0):
+                 theta_bound: float = 0.0, in_channels: int = 1):
         super().__init__()
         if mode not in STN_MODES:
             raise ValueError(f"STN mode must be one of {STN_MODES}, got {mode!r}")
         self.mode = mode
         self.num_classes = int(num_classes)
         self.in_size = int(in_size)
-        self.localization = Localization(in_size, bound=theta_bound)
-        self.classifier = SimpleCNN(num_classes, in_size=in_size, dropout=dropout)
+        self.in_channels = int(in_channels)
+        # the localization net sees the image (original) or the one-channel guide map (guided)
+        self.localization = Localization(in_size, bound=theta_bound,
+                                         in_channels=self.in_channels if mode == "original" else 1)
+        self.classifier = SimpleCNN(num_classes, in_size=in_size, dropout=dropout, in_channels=self.in_channels)
 
     def _source(self, image: torch.Tensor, guide: torch.Tensor | None) -> torch.Tensor:
-        _check_image("image", image, self.in_size)
+        _check_image("image", image, self.in_size, self.in_channels)
         if self.mode == "original":
             return image
         if guide is None:

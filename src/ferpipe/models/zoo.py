@@ -125,11 +125,16 @@ def gray_stem(model: nn.Module) -> nn.Module:
 
 
 def build_zoo(name: str, num_classes: int, in_size: int | None = None,
-              weights_path: str | os.PathLike | None = None) -> nn.Module:
-    """Zoo model ``name`` (see ``ZOO_NAMES``) with a 1-channel stem and ``num_classes`` outputs."""
+              weights_path: str | os.PathLike | None = None, in_channels: int = 1) -> nn.Module:
+    """Zoo model ``name`` (see ``ZOO_NAMES``) with a 1-channel stem (``in_channels`` 3: the reference's
+    RGB stem, for ingest.color rgb) and ``num_classes`` outputs."""
     if name not in ARCHS:
         raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(ZOO_NAMES)}")
-    model = gray_stem(ARCHS[name](int(num_classes)))
+    if int(in_channels) not in (1, 3):
+        raise ValueError(f"{name} takes 1 (gray) or 3 (RGB) input channels, got in_channels={in_channels}")
+    model = ARCHS[name](int(num_classes))
+    if int(in_channels) == 1:
+        model = gray_stem(model)
     model.num_classes = int(num_classes)
     model.in_size = int(DEFAULT_SIZE[name] if in_size is None else in_size)
     if model.in_size < model.min_size:

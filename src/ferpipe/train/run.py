@@ -157,12 +157,15 @@ def _fold_spec(data: TensorData, rows: torch.Tensor, standardize: bool) -> Input
     return spec
 
 
-def model_kwargs(name: str, prm: dict) -> dict:
+def model_kwargs(name: str, prm: dict, image_channels: int = 1) -> dict:
     """train.model_kwargs, plus train.stn_bound as a spatial transformer's theta_bound (unless the
-    kwargs set it): stored in the checkpoint, so the model loads as it was trained."""
+    kwargs set it) and, for RGB images (ingest.color rgb), in_channels 3: stored in the checkpoint, so
+    the model loads as it was trained. (Gray runs pass no in_channels: their checkpoints stay as they were.)"""
     kw = dict(prm["model_kwargs"])
     if MODEL_SPECS[name]["stn_mode"] is not None:
         kw.setdefault("theta_bound", float(prm["stn_bound"]))
+    if image_channels != 1:
+        kw["in_channels"] = int(image_channels)
     return kw
 
 
@@ -205,7 +208,8 @@ def train_one(name: str, data: TensorData, train_rows: torch.Tensor, val_rows: t
         objective = regression_objective(prm)
     elif prm["class_weights"]:
         weights = class_weights(data.class_counts(train_rows))
-    model, stored_kwargs = make_model(name, len(data.classes), model_kwargs(name, prm), prm["init_from"])
+    model, stored_kwargs = make_model(name, len(data.classes), model_kwargs(name, prm, data.spec.image_channels),
+                                      prm["init_from"])
     model = model.to(rt.device)
     wrapped = model
     if rt.distributed:
