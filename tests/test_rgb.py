@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 
 import h5py
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -229,7 +230,9 @@ def test_rgb_runs_train_three_channel_models_and_record_it(rgb_run):
         assert first.in_channels == 3
         if model == "soft":
             assert net.localization.features[0].in_channels == 1   # the guided STN's net sees the guide map
-        assert (root / model / "eval.json").is_file() and (root / model / "errors.png").is_file()
+        assert (root / model / "eval.json").is_file()
+        sheet = cv2.imread(str(root / model / "errors.png"))            # the errors sheet shows the faces in colour
+        assert sheet is not None and np.abs(sheet[..., 2].astype(int) - sheet[..., 1]).max() > 60
 
 
 @pytest.mark.parametrize("model", ["vgg", "soft"])

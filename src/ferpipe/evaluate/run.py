@@ -141,6 +141,13 @@ def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: 
     return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size, scale, tta_mode)
 
 
+def sheet_images(data: TensorData, rows: torch.Tensor) -> np.ndarray:
+    """The rows' images for an errors sheet: gray [N, S, S], or RGB [N, S, S, 3] for a colour run (no guide)."""
+    if data.spec.image_channels == 3:
+        return data.pixels[rows, :3].permute(0, 2, 3, 1).cpu().numpy()
+    return data.pixels[rows, 0].cpu().numpy()
+
+
 @writes("metrics_path", "predictions_path", "confusion_path", "errors_path", "results_path")
 def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "data/split/split.csv",
                  gray48: str = "data/gray48/images.h5", guides_dir: str = "data/guides",
@@ -205,7 +212,7 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
     if confusion_path:
         confusion_png(confusion_path, confusion(y, probs.argmax(1), len(classes)), classes, title)
     if errors_path:
-        images = data.pixels[rows, 0].cpu().numpy()
+        images = sheet_images(data, rows)
         errors_png(errors_path, images, y, probs, classes, int(prm["errors"]), title=f"{name}: most confident errors")
     _write_metrics(metrics, metrics_path, results_path, train_metrics, params.get("recipe"))
     return metrics
@@ -233,7 +240,7 @@ def _evaluate_regression(params: dict, prm: dict, header: dict, table, data: Ten
     if confusion_path:  # the stage's confusion output path holds the scatter plot (a regression has no confusion)
         scatter_png(confusion_path, y, pred, names, title, metrics)
     if errors_path:
-        images = data.pixels[rows, 0].cpu().numpy()
+        images = sheet_images(data, rows)
         regression_errors_png(errors_path, images, y, pred, names, int(prm["errors"]),
                               title=f"{header['model']}: largest errors")
     _write_metrics(metrics, metrics_path, results_path, train_metrics, params.get("recipe"))
