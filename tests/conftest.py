@@ -35,6 +35,17 @@ def load_stage(name: str):
     return mod
 
 
+def landmarks_and_soft_guide(params: str, out) -> None:
+    """The landmarks and soft-guide stages by hand on <out>/ingest/images.h5 and <out>/gray48/images.h5 (one
+    worker, no sheets): <out>/landmarks/landmarks.h5 and <out>/guides/soft.h5."""
+    load_stage("landmarks").main(["--params", params, "--images", f"{out}/ingest/images.h5",
+                                  "--out", f"{out}/landmarks/landmarks.h5", "--metrics", f"{out}/lm.json",
+                                  "--sheet", "", "-S", "landmarks.workers=1"])
+    load_stage("guide").main(["soft", "--params", params, "--images", f"{out}/gray48/images.h5",
+                              "--landmarks", f"{out}/landmarks/landmarks.h5", "--out", f"{out}/guides/soft.h5",
+                              "--sheet", ""])
+
+
 def fer_slice(fer_dir: Path, split: str = "train", per_class: int = 8, classes=None) -> tuple[np.ndarray, list[str]]:
     """The first `per_class` images (sorted names) of each class folder: uint8 [N,48,48] and labels."""
     images, labels = [], []

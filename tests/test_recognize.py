@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import REPO, load_stage
+from conftest import REPO, landmarks_and_soft_guide, load_stage
 from ferpipe.export import ExportError, export_model, run_exported
 from ferpipe.models import MODEL_NAMES, MODEL_SPECS, build_model
 from ferpipe.models.checkpoint import save_checkpoint
@@ -152,12 +152,7 @@ def fer_run(fer_dir, tmp_path_factory):
                                "--sheet", "", "--quiet", "-S", "ingest.workers=1"])
     load_stage("gray48").main(["--params", params, "--images", f"{d}/ingest/images.h5",
                                "--out", f"{d}/gray48/images.h5", "--sheet", ""])
-    load_stage("landmarks").main(["--params", params, "--images", f"{d}/ingest/images.h5",
-                                  "--out", f"{d}/landmarks/landmarks.h5", "--metrics", f"{d}/lm.json",
-                                  "--sheet", "", "-S", "landmarks.workers=1"])
-    load_stage("guide").main(["soft", "--params", params, "--images", f"{d}/gray48/images.h5",
-                              "--landmarks", f"{d}/landmarks/landmarks.h5", "--out", f"{d}/guides/soft.h5",
-                              "--sheet", ""])
+    landmarks_and_soft_guide(params, d)
     load_stage("split").main(["--params", params, "--manifest", f"{d}/ingest/manifest.csv",
                               "--out", f"{d}/split/split.csv", "--summary", f"{d}/split.json", "-S", "task=classes",
                               "-S", "split.folds=2"])

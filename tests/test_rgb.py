@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, load_stage
+from conftest import REPO, landmarks_and_soft_guide, load_stage
 from ferpipe.data.tensors import load_data
 from ferpipe.export import export_model
 from ferpipe.imaging import gray_images, resize_batch, rgb_to_gray
@@ -65,15 +65,6 @@ def gray48(out, size):
                                "-S", f"gray48.size={size}"])
 
 
-def landmarks_and_soft(out):
-    load_stage("landmarks").main(["--params", PARAMS, "--images", f"{out}/ingest/images.h5",
-                                  "--out", f"{out}/landmarks/landmarks.h5", "--metrics", f"{out}/lm.json",
-                                  "--sheet", "", "-S", "landmarks.workers=1"])
-    load_stage("guide").main(["soft", "--params", PARAMS, "--images", f"{out}/gray48/images.h5",
-                              "--landmarks", f"{out}/landmarks/landmarks.h5", "--out", f"{out}/guides/soft.h5",
-                              "--sheet", ""])
-
-
 def read(path, *names):
     with h5py.File(path, "r") as f:
         return [f[n][()] for n in names], dict(f.attrs)
@@ -105,7 +96,7 @@ def gray_and_rgb(fer_dir, tmp_path_factory):
     for color in ("gray", "rgb"):
         ingest(root / "fer", root / color, "-S", f"ingest.color={color}", "-S", "ingest.size=40")
         gray48(root / color, 48)
-        landmarks_and_soft(root / color)
+        landmarks_and_soft_guide(PARAMS, root / color)
     return root
 
 
@@ -167,7 +158,7 @@ def rgb_run(fer_dir, tmp_path_factory):
     d = root / "data"
     ingest(root / "fer", d, "-S", "ingest.color=rgb", "-S", "ingest.size=40")
     gray48(d, 48)
-    landmarks_and_soft(d)
+    landmarks_and_soft_guide(PARAMS, d)
     load_stage("split").main(["--params", PARAMS, "--manifest", f"{d}/ingest/manifest.csv",
                               "--out", f"{d}/split/split.csv", "--summary", f"{d}/split.json", "-S", "task=classes",
                               "-S", "split.folds=2"])
