@@ -78,7 +78,7 @@ def test_every_module_a_stage_runs_is_a_dep(name, stage):
 
 # ---- params: every key a stage's code reads from params.yaml is declared in dvc.yaml, and only those --------
 # Keys that change no result are left out of dvc.yaml on purpose (threads, logging, batch sizes of inference).
-NO_RESULT = {"train.threads", "train.log_every", "train.progress", "train.eval_batch_size", "train.memory_gb",
+NO_RESULT = {"ingest.workers", "train.threads", "train.log_every", "train.progress", "train.eval_batch_size", "train.memory_gb",
              "evaluate.threads", "evaluate.batch_size",
              "sequence.features.batch_size", "sequence.train.threads", "sequence.train.eval_batch_size",
              "train.snapshot_every", "sequence.train.snapshot_every"}

@@ -654,6 +654,25 @@ def test_real_fer2013_slice_ingest_exact(tmp_path):
     assert read_attrs(out["out_images"])["classes"] == ["disgust", "happy"]
 
 
+@needs_real
+def test_worker_count_changes_no_output(tmp_path):
+    """ingest.workers is left out of dvc.yaml (it changes no result): 1 and 2 workers write the same bytes of
+    images, manifest and rejects, on real FER-2013 faces plus one file that does not decode."""
+    root = tmp_path / "fer"
+    for cls in ("angry", "happy", "surprise"):
+        (root / "train" / cls).mkdir(parents=True)
+        for f in sorted((REAL_FER / "train" / cls).iterdir())[:30]:
+            (root / "train" / cls / f.name).symlink_to(f)
+    (root / "train" / "happy" / "broken.png").write_bytes(b"not a png")
+    written = []
+    for workers in (1, 2):
+        out = outputs(tmp_path / f"w{workers}")
+        run_ingest("folder", root, "", **out, size=48, workers=workers, progress=False)
+        written.append([read_h5(out["out_images"])["images"].tobytes(), read_h5(out["out_images"])["ids"].tolist(),
+                        Path(out["out_manifest"]).read_bytes(), Path(out["out_rejects"]).read_bytes()])
+    assert written[0] == written[1] and len(written[0][1]) == 90 and b"broken.png" in written[0][3]
+
+
 def test_affectnet_folder_reads_training_and_validation_into_one_manifest(fer_dir, tmp_path):
     """A folder with AffectNet's training.csv and validation.csv: one ingest, splits train and val. The
     images are real FER-2013 faces laid out as AffectNet's Manually_Annotated_Images/<dir>/<file>; the
