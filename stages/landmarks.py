@@ -37,7 +37,7 @@ def main(argv=None):
     workers = whole_number(p, "landmarks.workers", required(params, "landmarks.workers", a.params), 0,
                            " (0 = every core)")
     passes = required(params, a.passes_param, a.params)
-    if not isinstance(passes, list) or not passes or not set(passes) <= set(PASSES):
+    if not isinstance(passes, list) or not set(passes) <= set(PASSES):  # [] = no detection (the recipes without guides)
         p.error(f"{a.passes_param} must be a list of passes from {', '.join(PASSES)}, got {passes!r}")
     print(run_landmarks(a.images, a.out, a.metrics or None, a.sheet or None, size=size, passes=passes, workers=workers,
                         chunk=required(params, "landmarks.chunk", a.params)))

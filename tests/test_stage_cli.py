@@ -220,3 +220,8 @@ def test_S_on_real_fer2013_images(tmp_path, fer_dir):
                "-S", f"dataset.path={data}", "-S", "dataset.min_length=2", "--out", str(o / "j.h5"))
     assert "-S dataset.min_length: format folder takes no min_length option" in _usage_error(res)
     assert not (o / "j.h5").exists()
+    # landmarks.passes [] (no detection: the recipes quick, cpu60, bundled, rmn, emotion_sdk) is a valid setting
+    res = _run("stages/landmarks.py", "--images", str(o / "i.h5"), "--out", str(o / "l.h5"), "--metrics", "",
+               "--sheet", "", "-S", "landmarks.passes=[]", "-S", "landmarks.workers=1")
+    assert res.returncode == 0, res.stderr
+    assert not read_h5(o / "l.h5")["found"].any()                       # every face on the fallback shape
