@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, load_stage
 from ferpipe.evaluate.run import resolve_params as resolve_evaluate
 from ferpipe.models import build_model
 from ferpipe.params import compose_params
@@ -48,14 +48,42 @@ def test_recipes_exist_and_set_only_known_keys():
         assert not set(recipe) & {"dataset", "sequence"}, f"{name}: the data stays the user's"
 
 
+@pytest.fixture(scope="module")
+def fer_tiny(fer_dir, tmp_path_factory):
+    """8 real FER-2013 faces in the Kaggle layout (train and test, two classes)."""
+    root = tmp_path_factory.mktemp("tiny")
+    for split in ("train", "test"):
+        for cls in ("happy", "sad"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((fer_dir / split / cls).iterdir())[:2]:
+                (root / split / cls / f.name).symlink_to(f)
+    return root
+
+
 @pytest.mark.parametrize("name", RECIPES)
-def test_each_recipe_composes_to_params_the_stages_accept(name):
-    params = yaml.safe_load(compose_params(CONF, [f"recipe={name}"]))
+def test_each_recipe_composes_to_params_the_stages_accept(name, fer_tiny, tmp_path):
+    """A recipe's params pass every check of the stages: the train and evaluate params, its model with its kwargs,
+    and the preprocessing stage scripts themselves on 8 real faces (a recipe's landmarks.passes [] once stopped the
+    landmarks stage of `dvc exp run -S recipe=quick`)."""
+    text = compose_params(CONF, [f"recipe={name}"])
+    params = yaml.safe_load(text)
     assert params["recipe"] == name
     train = resolve_train(params["train"])                     # no unknown train key
     resolve_evaluate(params["evaluate"])
     n = 7 if params["task"] == "classes" else 3
     build_model(params["model"], n, **train["model_kwargs"])   # the recipe's model takes its kwargs
+    (tmp_path / "params.yaml").write_text(text)
+    d = tmp_path / "run"
+    prm = ["--params", str(tmp_path / "params.yaml")]
+    load_stage("ingest").main(prm + ["-S", "dataset.format=folder", "-S", f"dataset.path={fer_tiny}",
+                                     "-S", "ingest.workers=1", "--out", f"{d}/i.h5", "--manifest", f"{d}/m.csv",
+                                     "--rejects", f"{d}/r.csv", "--metrics", f"{d}/i.json", "--sheet", "", "--quiet"])
+    load_stage("gray48").main(prm + ["--images", f"{d}/i.h5", "--out", f"{d}/g.h5", "--sheet", ""])
+    load_stage("landmarks").main(prm + ["--images", f"{d}/i.h5", "--out", f"{d}/l.h5", "--metrics", "", "--sheet", "",
+                                        "-S", "landmarks.workers=1"])
+    load_stage("split").main(prm + ["--manifest", f"{d}/m.csv", "--out", f"{d}/s.csv", "--summary", f"{d}/s.json",
+                                    "-S", "split.folds=2"])
+    assert (d / "s.csv").is_file()
 
 
 def test_recipe_values():
