@@ -207,7 +207,7 @@ def run_ingest(fmt: str, path, root, out_images, out_manifest, out_rejects, metr
 
     Writes out_images (HDF5: images [N,size,size] (rgb: [N,size,size,3], RGB order), ids [N]; attrs
     stage, size, format, path, root, classes, face_crop, face_margin, and color "rgb" for an RGB file:
-    a gray file has no color attr, so it is byte for byte what it was before RGB existed),
+    a gray file has no color attr: its datasets and attrs are those of a file written before RGB existed),
     out_manifest (kept rows in image order, no pixels column), out_rejects (always, header even when
     empty), metrics_path (JSON counts) and sheet_path (contact sheet PNG; None/"" skips),
     as one output set. `options` are the reader's extra keywords (split, sort, ignore_missing,

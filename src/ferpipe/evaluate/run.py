@@ -141,11 +141,11 @@ def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: 
     return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size, scale, tta_mode)
 
 
-def sheet_images(data: TensorData, rows: torch.Tensor) -> np.ndarray:
-    """The rows' images for an errors sheet: gray [N, S, S], or RGB [N, S, S, 3] for a colour run (no guide)."""
-    if data.spec.image_channels == 3:
-        return data.pixels[rows, :3].permute(0, 2, 3, 1).cpu().numpy()
-    return data.pixels[rows, 0].cpu().numpy()
+def sheet_images(pixels: torch.Tensor, image_channels: int) -> np.ndarray:
+    """Test pixels [N, C, S, S] as errors-sheet images: gray [N, S, S], or RGB [N, S, S, 3] for a colour run."""
+    if image_channels == 3:
+        return pixels[:, :3].permute(0, 2, 3, 1).cpu().numpy()
+    return pixels[:, 0].cpu().numpy()
 
 
 @writes("metrics_path", "predictions_path", "confusion_path", "errors_path", "results_path")
@@ -187,14 +187,15 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
         raise ValueError(f"the checkpoints in {models_dir} and the split {split_csv} do not agree on the task "
                          "(valence/arousal regression or classes; task changed since training? dvc repro)")
     probs = np.zeros((len(rows), len(classes)))
+    pixels = data.pixels[rows]  # read once (from disk when streamed) for every member and the errors sheet
     for (model, info), scale in zip(loaded, scales):
         spec = InputSpec.from_dict(info["meta"].get("input"))
         if spec.image_channels != data.spec.image_channels:
             raise ValueError(f"the checkpoints in {models_dir} take {spec.image_channels}-channel images, {gray48} "
                              f"holds {data.spec.image_channels}-channel ones (ingest.color changed since training? "
                              "dvc repro)")
-        probs += predict(model.to(device), data, rows, spec, prm["tta"], prm["tta_augment"], prm["seed"],
-                         prm["batch_size"], scale, prm["tta_mode"])
+        probs += predict_pixels(model.to(device), pixels, spec, prm["tta"], prm["tta_augment"], prm["seed"],
+                                prm["batch_size"], scale, prm["tta_mode"])
     probs /= len(loaded)
     y = data.targets[rows].cpu().numpy()
     header = {"model": name, "members": kind, "checkpoints": [p.name for p in paths],
@@ -202,7 +203,7 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
               "classes": classes, "split": "test"}
     table = data.table.iloc[rows.cpu().numpy()]
     if regression:
-        return _evaluate_regression(params, prm, header, table, data, rows, y, probs, metrics_path, predictions_path,
+        return _evaluate_regression(params, prm, header, table, data, pixels, y, probs, metrics_path, predictions_path,
                                     confusion_path, errors_path, results_path, train_metrics)
     metrics = classification_metrics(y, probs, classes)
     metrics = {**header, **metrics}
@@ -212,7 +213,7 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
     if confusion_path:
         confusion_png(confusion_path, confusion(y, probs.argmax(1), len(classes)), classes, title)
     if errors_path:
-        images = sheet_images(data, rows)
+        images = sheet_images(pixels, data.spec.image_channels)
         errors_png(errors_path, images, y, probs, classes, int(prm["errors"]), title=f"{name}: most confident errors")
     _write_metrics(metrics, metrics_path, results_path, train_metrics, params.get("recipe"))
     return metrics
@@ -227,7 +228,7 @@ def _write_metrics(metrics: dict, metrics_path, results_path, train_metrics, rec
         write_text(results_path, json.dumps(headline(metrics, train, recipe), indent=2) + "\n")
 
 
-def _evaluate_regression(params: dict, prm: dict, header: dict, table, data: TensorData, rows: torch.Tensor,
+def _evaluate_regression(params: dict, prm: dict, header: dict, table, data: TensorData, pixels: torch.Tensor,
                          y: np.ndarray, pred: np.ndarray, metrics_path, predictions_path, confusion_path,
                          errors_path, results_path, train_metrics) -> dict:
     """run_evaluate's outputs for a valence/arousal model (y, pred [n, targets] on the original scale)."""
@@ -240,7 +241,7 @@ def _evaluate_regression(params: dict, prm: dict, header: dict, table, data: Ten
     if confusion_path:  # the stage's confusion output path holds the scatter plot (a regression has no confusion)
         scatter_png(confusion_path, y, pred, names, title, metrics)
     if errors_path:
-        images = sheet_images(data, rows)
+        images = sheet_images(pixels, data.spec.image_channels)
         regression_errors_png(errors_path, images, y, pred, names, int(prm["errors"]),
                               title=f"{header['model']}: largest errors")
     _write_metrics(metrics, metrics_path, results_path, train_metrics, params.get("recipe"))
