@@ -141,8 +141,8 @@ def predict(model: torch.nn.Module, data: TensorData, rows: torch.Tensor, spec: 
     return predict_pixels(model, data.pixels[rows], spec, tta, tta_augment, seed, batch_size, scale, tta_mode)
 
 
-def sheet_images(pixels: torch.Tensor, image_channels: int) -> np.ndarray:
-    """Test pixels [N, C, S, S] as errors-sheet images: gray [N, S, S], or RGB [N, S, S, 3] for a colour run."""
+def display_images(pixels: torch.Tensor, image_channels: int) -> np.ndarray:
+    """Test pixels [N, C, S, S] as matplotlib shows images (the errors sheets): gray [N, S, S], or RGB [N, S, S, 3]."""
     if image_channels == 3:
         return pixels[:, :3].permute(0, 2, 3, 1).cpu().numpy()
     return pixels[:, 0].cpu().numpy()
@@ -213,7 +213,7 @@ def run_evaluate(params: dict, models_dir: str = "models", split_csv: str = "dat
     if confusion_path:
         confusion_png(confusion_path, confusion(y, probs.argmax(1), len(classes)), classes, title)
     if errors_path:
-        images = sheet_images(pixels, data.spec.image_channels)
+        images = display_images(pixels, data.spec.image_channels)
         errors_png(errors_path, images, y, probs, classes, int(prm["errors"]), title=f"{name}: most confident errors")
     _write_metrics(metrics, metrics_path, results_path, train_metrics, params.get("recipe"))
     return metrics
@@ -241,7 +241,7 @@ def _evaluate_regression(params: dict, prm: dict, header: dict, table, data: Ten
     if confusion_path:  # the stage's confusion output path holds the scatter plot (a regression has no confusion)
         scatter_png(confusion_path, y, pred, names, title, metrics)
     if errors_path:
-        images = sheet_images(pixels, data.spec.image_channels)
+        images = display_images(pixels, data.spec.image_channels)
         regression_errors_png(errors_path, images, y, pred, names, int(prm["errors"]),
                               title=f"{header['model']}: largest errors")
     _write_metrics(metrics, metrics_path, results_path, train_metrics, params.get("recipe"))
